@@ -1,0 +1,400 @@
+"""The ``helixflow`` command line: the front door over the Snakemake workflow, and each step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from helixflow.errors import HelixflowError
+from helixflow.profiles import PROJECT_DIR
+
+SNAKEFILE = PROJECT_DIR / "workflow" / "Snakefile"
+DEFAULT_CONFIG = PROJECT_DIR / "config" / "config.yaml"
+# --until STEP: the last rule of each user-facing step.
+UNTIL_RULES = {"stage": "stage_model", "validate": "validate_input", "split": "split",
+               "tokenize": "tokenize", "embed": "gather"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Everything after a bare '--' goes to snakemake untouched.
+    passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.snakemake_args = passthrough
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except HelixflowError as error:
+        print(f"helixflow: error: {error.path}: {error.problem}", file=sys.stderr)
+        return error.exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="helixflow",
+        description="Run Geneformer (through helical) over .h5ad datasets of any size as a Snakemake workflow.",
+    )
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the workflow on a dataset", description=(
+        "Run validate -> split -> tokenize -> embed -> report on INPUT with snakemake. Reruns resume: "
+        "finished jobs are kept, interrupted ones are redone. Options after a bare '--' go to snakemake "
+        "as they are, e.g. '-- --executor slurm --jobs 50'."))
+    run.add_argument("input", type=Path, help="the .h5ad dataset (raw counts, never modified)")
+    run.add_argument("--model", default="tiny", help="model resource profile (see 'helixflow profile list'); default: tiny")
+    run.add_argument("--out", type=Path, default=Path("results/run"), help="output folder; default: results/run")
+    run.add_argument("--until", choices=[*UNTIL_RULES, "report"], default="report",
+                     help="last step to run; default: report (everything)")
+    run.add_argument("--cores", type=int, default=os.cpu_count(), help="CPU cores snakemake may use; default: all")
+    run.add_argument("--chunk-size", type=int, help="cells per chunk (one job each); default from the config")
+    run.add_argument("--models-dir", type=Path, help="where staged model files live; default from the config")
+    run.add_argument("--profiles-dir", type=Path, help="folder of model profiles; default: the built-in ones")
+    run.add_argument("--gene-id-column", help="var column with Ensembl ids, or 'index'; default: ensembl_id")
+    run.add_argument("--gene-symbol-map", type=Path, help="two-column table mapping gene symbols to Ensembl ids")
+    run.add_argument("--label-column", help="obs column to colour the embedding map by; default: cell_type")
+    run.add_argument("--configfile", type=Path, default=DEFAULT_CONFIG, help="base config file; default: the built-in one")
+    run.add_argument("--dry-run", action="store_true", help="show the jobs without running them")
+    run.set_defaults(handler=cmd_run)
+
+    info = commands.add_parser("info", help="versions, device and model metadata", description=(
+        "Print versions, the compute device and, for a staged model, its metadata as loaded by helical."))
+    info.add_argument("--profile", default="tiny", help="model profile; default: tiny")
+    info.add_argument("--models-dir", type=Path, default=Path("resources/models"))
+    info.add_argument("--profiles-dir", type=Path)
+    info.set_defaults(handler=cmd_info)
+
+    model = commands.add_parser("model", help="stage model files").add_subparsers(metavar="ACTION")
+    stage = model.add_parser("stage", help="put a model's files into helical's cache layout", description=(
+        "Stage a model under MODELS_DIR/PROFILE in helical's cache layout, once; loading never uses the "
+        "network afterwards. The source defaults to the profile's 'source' setting."))
+    stage.add_argument("--profile", required=True, help="model profile whose model to stage")
+    stage.add_argument("--models-dir", type=Path, default=Path("resources/models"))
+    stage.add_argument("--profiles-dir", type=Path)
+    source = stage.add_mutually_exclusive_group()
+    source.add_argument("--tiny", action="store_true", help="a small random model and synthetic vocabulary (demo, tests)")
+    source.add_argument("--architecture", help="random weights with a real architecture, e.g. gf-6L-10M-i2048 (benchmarks)")
+    source.add_argument("--from", dest="from_path", type=Path, help="a folder or archive laid out like geneformer/<version>/")
+    source.add_argument("--download", action="store_true", help="download from --base-url, verifying checksums")
+    stage.add_argument("--base-url", help="download location; default: helical's bucket")
+    stage.add_argument("--sha256", type=Path, help="JSON manifest {relative path: sha256} for --download")
+    stage.add_argument("--seed", type=int, default=0, help="seed of random weights")
+    stage.set_defaults(handler=cmd_model_stage)
+
+    profile = commands.add_parser("profile", help="model resource profiles").add_subparsers(metavar="ACTION")
+    show = profile.add_parser("show", help="print a profile with defaults and the resources it gives each step")
+    show.add_argument("name")
+    show.add_argument("--profiles-dir", type=Path)
+    show.add_argument("--cells", type=int, default=10_000, help="chunk size the runtimes are computed for")
+    show.set_defaults(handler=cmd_profile_show)
+    listing = profile.add_parser("list", help="list profiles")
+    listing.add_argument("--profiles-dir", type=Path)
+    listing.set_defaults(handler=cmd_profile_list)
+
+    demo = commands.add_parser("demo-data", help="write a synthetic raw-count dataset", description=(
+        "Write a realistic synthetic dataset: raw integer counts (CSR), several cell types with their own "
+        "expression programs, Ensembl ids in var, cell type in obs."))
+    demo.add_argument("out", type=Path)
+    demo.add_argument("--cells", type=int, default=2_000)
+    demo.add_argument("--genes", type=int, default=1_600, help="genes from the synthetic vocabulary")
+    demo.add_argument("--mean-counts", type=float, default=3_000.0, help="median UMIs per cell")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(handler=cmd_demo_data)
+
+    _add_step_parsers(commands)
+    return parser
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models-dir", type=Path, required=True)
+    parser.add_argument("--profile", required=True)
+    parser.add_argument("--profiles-dir", type=Path)
+
+
+def _add_gene_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gene-id-column", default="ensembl_id")
+    parser.add_argument("--gene-symbol-map", type=Path)
+
+
+def _add_step_parsers(commands) -> None:
+    steps = commands.add_parser("step", help="run one workflow step (what the workflow's rules call)").add_subparsers(metavar="STEP")
+
+    validate = steps.add_parser("validate", help="check a dataset against a model; write a JSON summary")
+    validate.add_argument("input", type=Path)
+    validate.add_argument("out", type=Path)
+    _add_model_args(validate)
+    _add_gene_args(validate)
+    raw = validate.add_mutually_exclusive_group()
+    raw.add_argument("--require-raw-counts", dest="raw", action="store_true", default=True)
+    raw.add_argument("--allow-any-values", dest="raw", action="store_false")
+    validate.set_defaults(handler=cmd_step_validate)
+
+    split = steps.add_parser("split", help="write cells START:STOP of a dataset to a chunk file")
+    split.add_argument("input", type=Path)
+    split.add_argument("out", type=Path)
+    split.add_argument("--start", type=int, required=True)
+    split.add_argument("--stop", type=int, required=True)
+    split.set_defaults(handler=cmd_step_split)
+
+    tokenize = steps.add_parser("tokenize", help="rank-value encode a chunk into an Arrow file")
+    tokenize.add_argument("chunk", type=Path)
+    tokenize.add_argument("out", type=Path)
+    _add_model_args(tokenize)
+    _add_gene_args(tokenize)
+    tokenize.set_defaults(handler=cmd_step_tokenize)
+
+    embed = steps.add_parser("embed", help="embed a tokenized chunk")
+    embed.add_argument("tokens", type=Path)
+    embed.add_argument("chunk", type=Path)
+    embed.add_argument("out", type=Path)
+    _add_model_args(embed)
+    embed.add_argument("--threads", type=int)
+    embed.add_argument("--batch-size", type=int, help="default from the profile")
+    embed.set_defaults(handler=cmd_step_embed)
+
+    gather = steps.add_parser("gather", help="concatenate embedded chunks into one .h5ad")
+    gather.add_argument("out", type=Path)
+    gather.add_argument("chunks", type=Path, nargs="+")
+    gather.add_argument("--model", required=True)
+    gather.set_defaults(handler=cmd_step_gather)
+
+    plot = steps.add_parser("plot", help="UMAP of the embeddings")
+    plot.add_argument("embeddings", type=Path)
+    plot.add_argument("out_png", type=Path)
+    plot.add_argument("out_json", type=Path)
+    plot.add_argument("--label")
+    plot.add_argument("--max-cells", type=int, default=20_000)
+    plot.set_defaults(handler=cmd_step_plot)
+
+    trace = steps.add_parser("trace", help="per-job execution trace from benchmark files")
+    trace.add_argument("benchmarks", type=Path)
+    trace.add_argument("out_tsv", type=Path)
+    trace.add_argument("out_png", type=Path)
+    trace.add_argument("--cells-per-chunk", type=json.loads, default={})
+    trace.add_argument("--total-cells", type=int, default=0)
+    trace.set_defaults(handler=cmd_step_trace)
+
+
+def _model_files(args):
+    from helixflow.model_files import ModelFiles
+    from helixflow.profiles import load_profile
+
+    profile = load_profile(args.profile, args.profiles_dir)
+    return profile, ModelFiles(Path(args.models_dir) / profile["name"], profile["model_name"])
+
+
+def _symbol_map(args):
+    from helixflow.tokenization import read_symbol_map
+
+    return read_symbol_map(args.gene_symbol_map) if args.gene_symbol_map else None
+
+
+def cmd_run(args) -> int:
+    from helixflow.h5ad import inspect_h5ad
+    from helixflow.profiles import load_profile
+
+    # Check what snakemake would otherwise report inside a traceback.
+    layout = inspect_h5ad(args.input)
+    load_profile(args.model, args.profiles_dir)
+    overrides = {"input": args.input, "outdir": args.out, "model": args.model, "chunk_size": args.chunk_size,
+                 "models_dir": args.models_dir, "profiles_dir": args.profiles_dir, "gene_id_column": args.gene_id_column,
+                 "gene_symbol_map": args.gene_symbol_map, "label_column": args.label_column}
+    config = [f"{key}={value}" for key, value in overrides.items() if value is not None]
+    command = ["snakemake", "--snakefile", str(SNAKEFILE), "--directory", os.getcwd(), "--configfile", str(args.configfile),
+               "--cores", str(args.cores), "--rerun-incomplete", "--show-failed-logs", "--config", *config]
+    if args.until != "report":
+        command += ["--until", UNTIL_RULES[args.until]]
+    if args.dry_run:
+        command.append("--dry-run")
+    command += args.snakemake_args
+    print(f"helixflow: {layout.n_cells:,} cells x {layout.n_genes:,} genes, profile {args.model}", file=sys.stderr)
+    print("helixflow: " + shlex.join(command), file=sys.stderr)
+    started = time.monotonic()
+    result = subprocess.run(command)
+    if result.returncode != 0:
+        print(f"helixflow: error: the workflow failed (snakemake exit {result.returncode}); "
+              f"see the log named above, or rerun the same command to resume", file=sys.stderr)
+        return result.returncode
+    if args.dry_run:
+        return 0
+    if args.until == "report":
+        report = args.out / "report.html"
+        subprocess.run([*command[: command.index("--cores")], "--config", *config, "--report", str(report)],
+                       check=True, capture_output=True)
+        print(f"helixflow: report:     {report}")
+    if args.until in ("embed", "report"):
+        print(f"helixflow: embeddings: {args.out / 'embeddings' / 'embeddings.h5ad'} (obsm['X_geneformer'])")
+    print(f"helixflow: done in {time.monotonic() - started:.0f} s; trace: {args.out / 'pipeline_info'}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    def package_version(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    lines = {"python": platform.python_version()}
+    lines.update({name: package_version(name) for name in ("helixflow", "helical", "torch", "transformers", "snakemake", "anndata", "deepspeed")})
+    lines["device"] = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    lines["cpu threads"] = str(torch.get_num_threads())
+    profile, files = _model_files(args)
+    lines.update({"profile": profile["name"], "model": profile["model_name"], "precision": profile["precision"],
+                  "profile device": profile["device"], "model files": str(files.model_dir)})
+    try:
+        files.check()
+    except HelixflowError as missing:
+        lines["model status"] = f"not staged ({missing.problem})"
+    else:
+        from helixflow.model_files import helical_geneformer
+
+        geneformer = helical_geneformer(files, batch_size=profile["embed"]["batch_size"])
+        config = geneformer.model.config
+        n_parameters = sum(p.numel() for p in geneformer.model.parameters())
+        lines["model status"] = "staged; loaded by helical.models.geneformer.Geneformer (offline)"
+        lines["architecture"] = (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+                                 f"{config.num_attention_heads} heads, {config.max_position_embeddings} positions, "
+                                 f"vocabulary {config.vocab_size}, {n_parameters / 1e6:.1f}M parameters")
+        lines["embedding layer"] = f"{geneformer.layer_to_quant} ({geneformer.emb_mode} mode)"
+    width = max(map(len, lines))
+    for key, value in lines.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_model_stage(args) -> int:
+    from helixflow.model_files import stage_architecture, stage_download, stage_from_path, stage_synthetic
+
+    profile, files = _model_files(args)
+    source = profile["source"]
+    if args.tiny:
+        source = "tiny"
+    elif args.architecture:
+        source = f"architecture:{args.architecture}"
+    elif args.from_path:
+        source = f"path:{args.from_path}"
+    elif args.download:
+        source = "download"
+    if source == "tiny":
+        stage_synthetic(files, seed=args.seed)
+    elif source.startswith("architecture:"):
+        stage_architecture(files, source.split(":", 1)[1], seed=args.seed)
+    elif source.startswith("path:"):
+        stage_from_path(files, Path(source.split(":", 1)[1]))
+    elif source == "download":
+        checksums = json.loads(args.sha256.read_text()) if args.sha256 else None
+        kwargs = {"base_url": args.base_url} if args.base_url else {}
+        stage_download(files, sha256=checksums, **kwargs)
+    else:  # "staged": files must already be in place (air-gapped sites copy them)
+        files.check()
+    files.check()
+    print(f"helixflow: staged {profile['model_name']} ({source}) in {files.model_dir}")
+    return 0
+
+
+def cmd_profile_show(args) -> int:
+    import yaml
+
+    from helixflow.profiles import load_profile, step_resources
+
+    profile = load_profile(args.name, args.profiles_dir)
+    steps = ("validate_input", "split", "tokenize", "embed", "gather", "finetune", "evaluate", "annotate")
+    shown = dict(profile, snakemake_resources={step: step_resources(profile, step, args.cells) for step in steps})
+    print(yaml.safe_dump(shown, sort_keys=False), end="")
+    return 0
+
+
+def cmd_profile_list(args) -> int:
+    from helixflow.profiles import list_profiles, load_profile
+
+    for name in list_profiles(args.profiles_dir):
+        profile = load_profile(name, args.profiles_dir)
+        print(f"{name:<22} {profile['model_name']:<20} {profile['device']:<5} {profile['precision']:<5} {profile['description']}")
+    return 0
+
+
+def cmd_demo_data(args) -> int:
+    from helixflow.demo_data import make_demo_dataset
+
+    make_demo_dataset(args.out, args.cells, n_genes=args.genes, mean_counts=args.mean_counts, seed=args.seed)
+    print(f"helixflow: wrote {args.cells:,} synthetic cells to {args.out}")
+    return 0
+
+
+def cmd_step_validate(args) -> int:
+    from helixflow.split import validate_input
+
+    _, files = _model_files(args)
+    summary = validate_input(args.input, files, args.out, args.gene_id_column, _symbol_map(args), args.raw)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_step_split(args) -> int:
+    from helixflow.split import split_chunk
+
+    split_chunk(args.input, args.out, args.start, args.stop)
+    print(f"helixflow: cells {args.start}:{args.stop} -> {args.out}")
+    return 0
+
+
+def cmd_step_tokenize(args) -> int:
+    from helixflow.tokenization import tokenize_chunk
+
+    _, files = _model_files(args)
+    started = time.monotonic()
+    cells = tokenize_chunk(args.chunk, files, args.out, args.gene_id_column, _symbol_map(args))
+    print(f"helixflow: tokenized {cells} cells in {time.monotonic() - started:.1f} s -> {args.out}")
+    return 0
+
+
+def cmd_step_embed(args) -> int:
+    from helixflow.embedding import embed_chunk
+
+    profile, files = _model_files(args)
+    started = time.monotonic()
+    cells = embed_chunk(args.tokens, args.chunk, files, args.out, args.batch_size or profile["embed"]["batch_size"],
+                        profile["device"], profile["precision"], args.threads, progress=True)
+    print(f"helixflow: embedded {cells} cells in {time.monotonic() - started:.1f} s -> {args.out}")
+    return 0
+
+
+def cmd_step_gather(args) -> int:
+    from helixflow.embedding import gather_embeddings
+
+    gather_embeddings(args.chunks, args.out, {"model_profile": args.model, "chunks": len(args.chunks)})
+    print(f"helixflow: gathered {len(args.chunks)} chunks -> {args.out}")
+    return 0
+
+
+def cmd_step_plot(args) -> int:
+    from helixflow.report import plot_embedding_map
+
+    print(json.dumps(plot_embedding_map(args.embeddings, args.out_png, args.out_json, args.label, args.max_cells)))
+    return 0
+
+
+def cmd_step_trace(args) -> int:
+    from helixflow.report import write_trace
+
+    table = write_trace(args.benchmarks, args.out_tsv, args.out_png, args.cells_per_chunk, args.total_cells)
+    print(table.to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The ``embed`` and ``gather`` steps: cell embeddings from a Geneformer encoder.
+
+Unlike helical's ``get_embeddings``, the masked-LM head is never computed (``BertModel``
+instead of ``BertForMaskedLM``: for gf-6L-10M the head's 25k-token projection costs more than
+the encoder), cells are batched by length so padding is small, and only the last hidden
+state is kept. The embedding is the same: the mean of the last layer over a cell's gene
+tokens, ``<cls>``/``<eos>`` left out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import scipy.sparse as sp
+import torch
+from anndata.experimental import concat_on_disk
+from anndata.io import read_elem, write_elem
+from tqdm import tqdm
+
+from helixflow.errors import HelixflowError
+from helixflow.model_files import ModelFiles, model_facts
+from helixflow.outputs import atomic_path
+from helixflow.tokenization import open_tokens
+
+EMBEDDING_KEY = "X_geneformer"
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HelixflowError("device", f"'{device}' was asked for but no CUDA device is visible")
+    return torch.device(device)
+
+
+def load_encoder(files: ModelFiles, device: torch.device):
+    """Load the staged model's encoder (no masked-LM head), in eval mode, from local files only."""
+    from transformers import BertModel
+
+    files.check()
+    model = BertModel.from_pretrained(files.model_dir, add_pooling_layer=False, attn_implementation="sdpa", local_files_only=True)
+    return model.eval().to(device)
+
+
+def embed_tokens(
+    model,
+    input_ids: list[np.ndarray] | object,
+    lengths: np.ndarray,
+    batch_size: int,
+    special_tokens: bool,
+    device: torch.device,
+    precision: str = "fp32",
+    pad_token: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
+    """Mean-pooled last-layer embeddings of tokenized cells, in input order.
+
+    Parameters
+    ----------
+    input_ids
+        Arrow list column (or anything indexable by row) of token ids per cell.
+    lengths
+        Tokens per cell.
+    special_tokens
+        Whether cells start with ``<cls>`` and end with ``<eos>`` (left out of the mean).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_cells, hidden_size)`` float32; rows of cells without gene tokens are NaN.
+    """
+    if precision not in PRECISIONS:
+        raise HelixflowError("precision", f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
+    n_cells = len(lengths)
+    out = np.full((n_cells, model.config.hidden_size), np.nan, dtype=np.float32)
+    skip = 2 if special_tokens else 0
+    order = np.argsort(-lengths, kind="stable")
+    order = order[lengths[order] > skip]  # cells with no gene token keep NaN
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+        if precision != "fp32"
+        else contextlib.nullcontext()
+    )
+    batches = range(0, len(order), batch_size)
+    with torch.inference_mode(), autocast:
+        for first in tqdm(batches, desc="embed", unit="batch", disable=not progress, mininterval=5):
+            rows = order[first : first + batch_size]
+            batch_lengths = torch.as_tensor(lengths[rows], dtype=torch.long)
+            width = int(batch_lengths.max())
+            ids = torch.full((len(rows), width), pad_token, dtype=torch.long)
+            for i, row in enumerate(rows):
+                ids[i, : lengths[row]] = torch.tensor(_row(input_ids, row))
+            positions = torch.arange(width)
+            attention = positions[None, :] < batch_lengths[:, None]
+            hidden = model(input_ids=ids.to(device), attention_mask=attention.to(device)).last_hidden_state.float()
+            genes = (positions[None, :] >= skip // 2) & (positions[None, :] < (batch_lengths - skip // 2)[:, None])
+            genes = genes.to(device)
+            summed = (hidden * genes[..., None]).sum(dim=1)
+            out[rows] = (summed / genes.sum(dim=1, keepdim=True)).cpu().numpy()
+    return out
+
+
+def _row(input_ids, row: int) -> np.ndarray:
+    value = input_ids[int(row)]
+    return value.values.to_numpy(zero_copy_only=False) if hasattr(value, "values") else np.asarray(value)
+
+
+def embed_chunk(
+    tokens_path: str | Path,
+    chunk_path: str | Path,
+    files: ModelFiles,
+    out: str | Path,
+    batch_size: int,
+    device: str = "auto",
+    precision: str = "fp32",
+    threads: int | None = None,
+    progress: bool = False,
+) -> int:
+    """Embed one tokenized chunk; write an .h5ad with the chunk's ``obs`` and the embeddings.
+
+    Returns the number of cells embedded.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    table = open_tokens(tokens_path)
+    with h5py.File(chunk_path, "r") as handle:
+        obs = read_elem(handle["obs"])
+    if table.num_rows != len(obs):
+        raise HelixflowError(tokens_path, f"holds {table.num_rows} cells but {chunk_path} holds {len(obs)}; rerun tokenize")
+    torch_device = resolve_device(device)
+    model = load_encoder(files, torch_device)
+    embeddings = embed_tokens(
+        model,
+        table.column("input_ids").combine_chunks(),
+        table.column("length").to_numpy(),
+        batch_size,
+        model_facts(files.model_name)["special_tokens"],
+        torch_device,
+        precision,
+        progress=progress,
+    )
+    result = ad.AnnData(X=sp.csr_matrix((len(obs), 0), dtype=np.float32), obs=obs, obsm={EMBEDDING_KEY: embeddings})
+    with atomic_path(out) as partial:
+        result.write_h5ad(partial)
+    return len(obs)
+
+
+def gather_embeddings(chunk_files: list[str | Path], out: str | Path, metadata: dict) -> Path:
+    """Concatenate per-chunk embedding files into one .h5ad, streaming (anndata's concat_on_disk)."""
+    with atomic_path(out) as partial:
+        concat_on_disk([str(path) for path in chunk_files], str(partial))
+        with h5py.File(partial, "r+") as handle:
+            if "uns" in handle:  # concat_on_disk may leave it without anndata's encoding attributes
+                del handle["uns"]
+            write_elem(handle, "uns", {"helixflow": metadata})
+    return Path(out)

@@ -1,0 +1,95 @@
+"""Model resource profiles: one YAML file per model, validated, with defaults filled in.
+
+A profile says what a model needs (device, precision, GPUs, memory, batch sizes, DeepSpeed)
+and the workflow turns it into each rule's Snakemake ``threads`` and ``resources``, which
+local runs, containers and the SLURM executor all read.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from helixflow.errors import HelixflowError
+from helixflow.model_files import model_facts
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+PROFILE_SCHEMA = PROJECT_DIR / "workflow" / "schemas" / "profile.schema.yaml"
+DEFAULT_PROFILES_DIR = PROJECT_DIR / "config" / "profiles"
+STEP_KIND = {"finetune": "finetune", "embed": "embed", "annotate": "embed"}  # other steps are "light"
+
+
+def _validator_with_defaults(schema: dict) -> jsonschema.protocols.Validator:
+    """A Draft 2020-12 validator that also writes each property's ``default`` into the instance."""
+    base = jsonschema.Draft202012Validator
+
+    def fill_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, subschema in properties.items():
+                if "default" in subschema and key not in instance:
+                    instance[key] = yaml.safe_load(yaml.safe_dump(subschema["default"]))
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(base, {"properties": fill_defaults})(schema)
+
+
+def load_profile(name: str, profiles_dir: str | Path | None = None) -> dict:
+    """Read, validate and complete the profile ``name`` from ``profiles_dir``.
+
+    Raises
+    ------
+    HelixflowError
+        When the profile does not exist (the message lists those that do), is not valid
+        YAML, breaks the schema, or names a model helical does not know.
+    """
+    profiles_dir = Path(profiles_dir or DEFAULT_PROFILES_DIR)
+    path = profiles_dir / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in profiles_dir.glob("*.yaml"))) or "none"
+        raise HelixflowError(path, f"unknown model profile '{name}'; profiles in {profiles_dir}: {known}")
+    try:
+        profile = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise HelixflowError(path, f"not valid YAML ({error})") from None
+    if not isinstance(profile, dict):
+        raise HelixflowError(path, "a profile must be a mapping of settings")
+    schema = yaml.safe_load(PROFILE_SCHEMA.read_text())
+    error = jsonschema.exceptions.best_match(_validator_with_defaults(schema).iter_errors(profile))
+    if error is not None:
+        where = "/".join(map(str, error.absolute_path)) or "(top level)"
+        raise HelixflowError(path, f"invalid profile at {where}: {error.message}")
+    if profile["name"] != name:
+        raise HelixflowError(path, f"profile name '{profile['name']}' differs from its file name '{name}'")
+    model_facts(profile["model_name"])
+    return profile
+
+
+def list_profiles(profiles_dir: str | Path | None = None) -> list[str]:
+    """Names of the profiles in ``profiles_dir``."""
+    return sorted(p.stem for p in Path(profiles_dir or DEFAULT_PROFILES_DIR).glob("*.yaml"))
+
+
+def step_resources(profile: dict, step: str, n_cells: int = 10_000) -> dict:
+    """Snakemake ``threads`` and ``resources`` of one step for a chunk of ``n_cells``.
+
+    Returns
+    -------
+    dict
+        ``threads``, ``mem_mb``, ``runtime`` (minutes), and for GPU steps ``gpu`` and
+        ``gpu_model`` (the resource names the SLURM executor turns into ``--gpus``).
+    """
+    kind = STEP_KIND.get(step, "light")
+    uses_gpu = kind != "light" and profile["gpu"]["count"] > 0
+    resources = {
+        "threads": profile["threads"] if kind != "light" else min(profile["threads"], 2),
+        "mem_mb": profile["memory_mb"][kind],
+        "runtime": max(1, math.ceil(profile["runtime_min_per_10k_cells"][kind] * n_cells / 10_000)),
+    }
+    if uses_gpu:
+        resources["gpu"] = profile["gpu"]["count"]
+        if profile["gpu"]["model"]:
+            resources["gpu_model"] = profile["gpu"]["model"]
+    return resources

@@ -1,0 +1,133 @@
+"""The report steps: a 2-D map of the embeddings, and the per-job trace of the whole run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from anndata.experimental import read_elem_lazy
+
+from helixflow.embedding import EMBEDDING_KEY
+from helixflow.errors import HelixflowError
+from helixflow.outputs import atomic_path
+
+# Columns after Nextflow's execution trace, so nf-core habits carry over.
+TRACE_COLUMNS = ["task_id", "name", "process", "tag", "status", "realtime_s", "cpu_percent",
+                 "peak_rss_mb", "peak_vmem_mb", "read_mb", "write_mb", "cells", "cells_per_s"]
+
+
+def plot_embedding_map(
+    h5ad: str | Path, out_png: str | Path, out_json: str | Path,
+    label: str | None = None, max_cells: int = 20_000, seed: int = 0,
+) -> dict:
+    """Draw a UMAP of (a random subsample of) the embeddings, coloured by ``label``.
+
+    Also writes a JSON summary: cells, cells without embedding, and the silhouette score of
+    ``label`` in embedding space (how well the embeddings separate the labels).
+    """
+    import anndata as ad
+    import scanpy as sc
+    from sklearn.metrics import silhouette_score
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    with h5py.File(h5ad, "r") as handle:
+        n_cells = handle[f"obsm/{EMBEDDING_KEY}"].shape[0]
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(n_cells, size=min(n_cells, max_cells), replace=False))
+        embeddings = handle[f"obsm/{EMBEDDING_KEY}"][rows]
+        labels = None
+        if label:
+            obs = read_elem_lazy(handle["obs"])
+            if label not in obs.columns:
+                raise HelixflowError(h5ad, f"no obs column '{label}' to colour by (columns: {', '.join(obs.columns)})")
+            labels = np.asarray(obs[label].to_numpy() if hasattr(obs[label], "to_numpy") else obs[label])[rows]
+    finite = np.isfinite(embeddings).all(axis=1)
+    sample = ad.AnnData(obsm={EMBEDDING_KEY: embeddings[finite]})
+    sample.obs_names = [str(r) for r in rows[finite]]
+    if labels is not None:
+        sample.obs[label] = pd.Categorical(labels[finite].astype(str))
+    sc.pp.neighbors(sample, use_rep=EMBEDDING_KEY, n_neighbors=min(15, max(2, sample.n_obs - 1)), random_state=seed)
+    sc.tl.umap(sample, random_state=seed)
+
+    summary = {"cells": int(n_cells), "cells_plotted": int(finite.sum()), "cells_without_embedding_in_sample": int((~finite).sum())}
+    if labels is not None and sample.obs[label].nunique() > 1:
+        scored = min(sample.n_obs, 5_000)
+        points, truth = sample.obsm[EMBEDDING_KEY][:scored], sample.obs[label].to_numpy()[:scored]
+        summary["silhouette"] = float(silhouette_score(points, truth))
+        # Share of cells whose 15 nearest neighbours vote for their own label (3-fold CV).
+        folds = min(3, int(pd.Series(truth).value_counts().min()))
+        if folds >= 2:
+            summary["knn_label_accuracy"] = float(cross_val_score(KNeighborsClassifier(15), points, truth, cv=folds).mean())
+    figure, axes = plt.subplots(figsize=(7, 6))
+    coords = sample.obsm["X_umap"]
+    if labels is not None:
+        for name in sample.obs[label].cat.categories:
+            mask = (sample.obs[label] == name).to_numpy()
+            axes.scatter(coords[mask, 0], coords[mask, 1], s=4, label=name)
+        axes.legend(markerscale=3, fontsize=8, title=label, loc="best")
+    else:
+        axes.scatter(coords[:, 0], coords[:, 1], s=4)
+    title = f"Geneformer embeddings, {summary['cells_plotted']:,} of {n_cells:,} cells"
+    if "knn_label_accuracy" in summary:
+        title += f"\n{label} of 15 nearest neighbours agrees for {summary['knn_label_accuracy']:.0%} of cells"
+    axes.set(title=title, xlabel="UMAP 1", ylabel="UMAP 2", xticks=[], yticks=[])
+    with atomic_path(out_png) as partial:
+        figure.savefig(partial, dpi=120, bbox_inches="tight", format="png")
+    plt.close(figure)
+    with atomic_path(out_json) as partial:
+        partial.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def collect_trace(benchmarks_dir: str | Path, cells_per_chunk: dict[str, int], total_cells: int) -> pd.DataFrame:
+    """One row per finished job from Snakemake's benchmark files (``<rule>/<tag>.tsv``)."""
+    rows = []
+    for path in sorted(Path(benchmarks_dir).glob("*/*.tsv")):
+        bench = pd.read_csv(path, sep="\t").iloc[-1]  # a repeated benchmark keeps its last run
+        process, tag = path.parent.name, path.stem
+        cells = cells_per_chunk.get(tag, total_cells if process in ("validate_input", "gather") else 0)
+        seconds = float(bench["s"])
+        rows.append({
+            "name": f"{process} ({tag})", "process": process, "tag": tag, "status": "COMPLETED",
+            "realtime_s": round(seconds, 3),
+            "cpu_percent": round(100 * float(bench.get("cpu_time", 0) or 0) / seconds, 1) if seconds else 0.0,
+            "peak_rss_mb": _number(bench.get("max_rss")), "peak_vmem_mb": _number(bench.get("max_vms")),
+            "read_mb": _number(bench.get("io_in")), "write_mb": _number(bench.get("io_out")),
+            "cells": cells, "cells_per_s": round(cells / seconds, 1) if cells and seconds else None,
+        })
+    table = pd.DataFrame(rows, columns=TRACE_COLUMNS[1:])
+    table.insert(0, "task_id", range(1, len(table) + 1))
+    return table
+
+
+def _number(value) -> float | None:
+    try:
+        return round(float(value), 2)
+    except (TypeError, ValueError):
+        return None  # Snakemake writes "NA" where it could not measure
+
+
+def write_trace(benchmarks_dir: str | Path, out_tsv: str | Path, out_png: str | Path,
+                cells_per_chunk: dict[str, int], total_cells: int) -> pd.DataFrame:
+    """Write the trace TSV and a plot of wall time and peak memory per step."""
+    table = collect_trace(benchmarks_dir, cells_per_chunk, total_cells)
+    per_step = table.groupby("process", sort=False).agg(realtime_s=("realtime_s", "sum"), peak_rss_mb=("peak_rss_mb", "max"))
+    figure, (time_axes, memory_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    per_step["realtime_s"].plot.barh(ax=time_axes, color="tab:blue", title="Wall time, all jobs (s)")
+    per_step["peak_rss_mb"].plot.barh(ax=memory_axes, color="tab:orange", title="Peak memory of one job (MB)")
+    memory_axes.set_ylabel("")
+    figure.tight_layout()
+    with atomic_path(out_png) as partial:
+        figure.savefig(partial, dpi=110, format="png")
+    plt.close(figure)
+    with atomic_path(out_tsv) as partial:
+        table.to_csv(partial, sep="\t", index=False)
+    return table

@@ -1,0 +1,54 @@
+"""Shared fixtures: a staged tiny model (v1 layout and v2 layout) and small synthetic datasets."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from helixflow.demo_data import make_demo_dataset
+from helixflow.model_files import ModelFiles, stage_synthetic
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+def require_service(command: str, reason: str) -> None:
+    """Skip when a system tool is missing on a user's machine; under CI=true, fail instead."""
+    if shutil.which(command) is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{command} is required in CI: {reason}")
+        pytest.skip(f"{command} not installed: {reason}")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """A models folder holding the tiny profile's model, as `helixflow model stage` leaves it."""
+    root = tmp_path_factory.mktemp("models")
+    stage_synthetic(ModelFiles(root / "tiny", "gf-6L-10M-i2048"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_v1(models_dir) -> ModelFiles:
+    return ModelFiles(models_dir / "tiny", "gf-6L-10M-i2048")
+
+
+@pytest.fixture(scope="session")
+def tiny_v2(tmp_path_factory) -> ModelFiles:
+    """A tiny model in the v2 layout: <cls>/<eos> tokens, input size 4096."""
+    files = ModelFiles(tmp_path_factory.mktemp("models-v2"), "gf-12L-38M-i4096")
+    stage_synthetic(files)
+    return files
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """600 synthetic cells, 6 cell types, CSR int32 raw counts."""
+    return make_demo_dataset(tmp_path_factory.mktemp("data") / "cells.h5ad", 600, seed=1)

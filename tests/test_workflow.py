@@ -1,0 +1,121 @@
+"""End to end on the .test config with plain snakemake: outputs, lint, resume after loss or kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import PROJECT_DIR, sha256
+from helixflow.demo_data import make_demo_dataset
+from helixflow.embedding import embed_tokens, load_encoder
+from helixflow.model_files import ModelFiles
+from helixflow.tokenization import open_tokens, tokenize_chunk
+
+TEST_INPUT = PROJECT_DIR / ".test" / "resources" / "test.h5ad"
+OUT = PROJECT_DIR / ".test" / "results" / "test"
+SNAKEMAKE = ["snakemake", "--cores", "2", "--configfile", ".test/config/config.yaml"]
+
+
+def snakemake(*extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([*SNAKEMAKE, *extra], cwd=PROJECT_DIR, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        pytest.fail(f"snakemake {' '.join(extra)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def planned_jobs(*extra: str) -> dict[str, int]:
+    """Rule -> job count of what snakemake would run now (dry run)."""
+    text = snakemake("--dry-run", "--quiet", "rules", *extra).stdout
+    counts = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "job"):
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.fixture(scope="module")
+def finished_run():
+    shutil.rmtree(PROJECT_DIR / ".test" / "results", ignore_errors=True)
+    shutil.rmtree(PROJECT_DIR / ".test" / "resources", ignore_errors=True)
+    make_demo_dataset(TEST_INPUT, 600, seed=3)
+    input_hash = sha256(TEST_INPUT)
+    snakemake()
+    return input_hash
+
+
+def test_outputs(finished_run):
+    embeddings = ad.read_h5ad(OUT / "embeddings" / "embeddings.h5ad")
+    original = ad.read_h5ad(TEST_INPUT)
+    assert embeddings.n_obs == original.n_obs == 600
+    pd.testing.assert_frame_equal(embeddings.obs, original.obs)
+    assert embeddings.obsm["X_geneformer"].shape == (600, 128)
+    assert np.isfinite(embeddings.obsm["X_geneformer"]).all()
+    assert sha256(TEST_INPUT) == finished_run
+
+    summary = json.loads((OUT / "report" / "embedding_summary.json").read_text())
+    assert summary["knn_label_accuracy"] > 0.6  # 6 cell types: chance is about 0.17
+    trace = pd.read_csv(OUT / "pipeline_info" / "execution_trace.tsv", sep="\t")
+    assert (trace["process"] == "embed").sum() == 3 and (trace["process"] == "tokenize").sum() == 3
+    assert (trace.loc[trace["process"] == "tokenize", "cells"] == 200).all()
+    assert trace["peak_rss_mb"].notna().all() and (trace["realtime_s"] > 0).all()
+
+
+def test_chunked_embeddings_equal_one_pass(finished_run, tmp_path):
+    files = ModelFiles(PROJECT_DIR / ".test" / "resources" / "models" / "tiny", "gf-6L-10M-i2048")
+    tokenize_chunk(TEST_INPUT, files, tmp_path / "all.arrow")
+    table = open_tokens(tmp_path / "all.arrow")
+    direct = embed_tokens(load_encoder(files, torch.device("cpu")), table.column("input_ids").combine_chunks(),
+                          table.column("length").to_numpy(), 32, False, torch.device("cpu"))
+    chunked = ad.read_h5ad(OUT / "embeddings" / "embeddings.h5ad").obsm["X_geneformer"]
+    np.testing.assert_allclose(chunked, direct, atol=1e-5)
+
+
+def test_lint_and_format(finished_run):
+    assert "good condition" in snakemake("--lint").stdout + snakemake("--lint").stderr
+    fmt = subprocess.run(["snakefmt", "--check", "workflow"], cwd=PROJECT_DIR, capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stderr
+
+
+def test_failed_chunk_is_redone_alone(finished_run):
+    before = ad.read_h5ad(OUT / "embeddings" / "embeddings.h5ad").obsm["X_geneformer"]
+    shutil.rmtree(OUT / "embeddings")
+    (OUT / "tokens" / "chunk-00001.arrow").write_bytes(b"not arrow")  # a damaged intermediate file
+    failed = snakemake(check=False)
+    assert failed.returncode != 0
+    assert "chunk-00001.arrow: not a readable tokenized chunk" in failed.stdout + failed.stderr
+    assert not (OUT / "embeddings" / "chunks" / "chunk-00001.h5ad").exists()
+
+    (OUT / "tokens" / "chunk-00001.arrow").unlink()  # the fix
+    jobs = planned_jobs()
+    assert jobs.get("tokenize") == 1 and jobs.get("embed") == 1 and "split" not in jobs
+    snakemake()
+    np.testing.assert_array_equal(ad.read_h5ad(OUT / "embeddings" / "embeddings.h5ad").obsm["X_geneformer"], before)
+
+
+def test_killed_run_resumes_with_same_results(finished_run):
+    before = ad.read_h5ad(OUT / "embeddings" / "embeddings.h5ad").obsm["X_geneformer"]
+    shutil.rmtree(OUT / "embeddings")
+    for tokens in (OUT / "tokens").glob("*.arrow"):
+        tokens.unlink()
+    process = subprocess.Popen([*SNAKEMAKE, "--cores", "1"], cwd=PROJECT_DIR, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((OUT / "logs" / "embed").glob("*.log")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # the whole job tree, mid-step
+    process.wait()
+    assert not (OUT / "embeddings" / "embeddings.h5ad").exists()
+    snakemake("--unlock")
+    snakemake()
+    np.testing.assert_array_equal(ad.read_h5ad(OUT / "embeddings" / "embeddings.h5ad").obsm["X_geneformer"], before)

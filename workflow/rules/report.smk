@@ -1,0 +1,58 @@
+rule plot_embeddings:
+    input:
+        f"{OUTDIR}/embeddings/embeddings.h5ad",
+    output:
+        plot=report(
+            f"{OUTDIR}/report/embedding_map.png",
+            caption="../report/embedding_map.rst",
+            category="Embeddings",
+        ),
+        summary=f"{OUTDIR}/report/embedding_summary.json",
+    log:
+        f"{OUTDIR}/logs/plot_embeddings.log",
+    benchmark:
+        f"{OUTDIR}/benchmarks/plot_embeddings/all.tsv"
+    conda:
+        "../../envs/helixflow.yaml"
+    container:
+        config["containers"]["cpu"]
+    threads: resources_of("plot_embeddings")["threads"]
+    resources:
+        mem_mb=resources_of("plot_embeddings")["mem_mb"],
+        runtime=resources_of("plot_embeddings")["runtime"],
+    params:
+        label=f"--label {config['label_column']}" if config["label_column"] else "",
+        max_cells=config["report"]["max_cells_plotted"],
+    shell:
+        "helixflow step plot {input} {output.plot} {output.summary} {params.label} --max-cells {params.max_cells} > {log} 2>&1"
+
+
+rule pipeline_info:
+    input:
+        f"{OUTDIR}/embeddings/embeddings.h5ad",
+        f"{OUTDIR}/report/embedding_map.png",
+    output:
+        trace=f"{OUTDIR}/pipeline_info/execution_trace.tsv",
+        plot=report(
+            f"{OUTDIR}/report/step_resources.png",
+            caption="../report/step_resources.rst",
+            category="Resources",
+        ),
+    log:
+        f"{OUTDIR}/logs/pipeline_info.log",
+    conda:
+        "../../envs/helixflow.yaml"
+    container:
+        config["containers"]["cpu"]
+    threads: 1
+    resources:
+        mem_mb=resources_of("pipeline_info")["mem_mb"],
+        runtime=resources_of("pipeline_info")["runtime"],
+    params:
+        benchmarks=f"{OUTDIR}/benchmarks",
+        total_cells=LAYOUT.n_cells,
+        cells=json.dumps(
+            {chunk: stop - start for chunk, (start, stop) in CHUNK_BOUNDS.items()}
+        ),
+    shell:
+        "helixflow step trace {params.benchmarks} {output.trace} {output.plot} --cells-per-chunk '{params.cells}' --total-cells {params.total_cells} > {log} 2>&1"

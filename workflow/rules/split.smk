@@ -1,0 +1,53 @@
+rule validate_input:
+    input:
+        h5ad=config["input"],
+        model=MODEL_READY,
+    output:
+        f"{OUTDIR}/qc/input_check.json",
+    log:
+        f"{OUTDIR}/logs/validate_input.log",
+    benchmark:
+        f"{OUTDIR}/benchmarks/validate_input/all.tsv"
+    conda:
+        "../../envs/helixflow.yaml"
+    container:
+        config["containers"]["cpu"]
+    threads: resources_of("validate_input")["threads"]
+    resources:
+        mem_mb=resources_of("validate_input")["mem_mb"],
+        runtime=resources_of("validate_input", LAYOUT.n_cells)["runtime"],
+    params:
+        model=MODEL_ARGS,
+        genes=GENE_ARGS,
+        raw=(
+            "--require-raw-counts"
+            if config["require_raw_counts"]
+            else "--allow-any-values"
+        ),
+    shell:
+        "helixflow step validate {input.h5ad} {output} {params.model} {params.genes} {params.raw} > {log} 2>&1"
+
+
+rule split:
+    input:
+        h5ad=config["input"],
+        check=f"{OUTDIR}/qc/input_check.json",
+    output:
+        f"{OUTDIR}/chunks/{{chunk}}.h5ad",
+    log:
+        f"{OUTDIR}/logs/split/{{chunk}}.log",
+    benchmark:
+        f"{OUTDIR}/benchmarks/split/{{chunk}}.tsv"
+    conda:
+        "../../envs/helixflow.yaml"
+    container:
+        config["containers"]["cpu"]
+    threads: resources_of("split")["threads"]
+    resources:
+        mem_mb=resources_of("split")["mem_mb"],
+        runtime=resources_of("split")["runtime"],
+    params:
+        start=lambda wildcards: CHUNK_BOUNDS[wildcards.chunk][0],
+        stop=lambda wildcards: CHUNK_BOUNDS[wildcards.chunk][1],
+    shell:
+        "helixflow step split {input.h5ad} {output} --start {params.start} --stop {params.stop} > {log} 2>&1"

@@ -1,0 +1,23 @@
+rule tokenize:
+    input:
+        chunk=f"{OUTDIR}/chunks/{{chunk}}.h5ad",
+        model=MODEL_READY,
+    output:
+        f"{OUTDIR}/tokens/{{chunk}}.arrow",
+    log:
+        f"{OUTDIR}/logs/tokenize/{{chunk}}.log",
+    benchmark:
+        f"{OUTDIR}/benchmarks/tokenize/{{chunk}}.tsv"
+    conda:
+        "../../envs/helixflow.yaml"
+    container:
+        config["containers"]["cpu"]
+    threads: resources_of("tokenize")["threads"]
+    resources:
+        mem_mb=resources_of("tokenize")["mem_mb"],
+        runtime=resources_of("tokenize")["runtime"],
+    params:
+        model=MODEL_ARGS,
+        genes=GENE_ARGS,
+    shell:
+        "helixflow step tokenize {input.chunk} {output} {params.model} {params.genes} > {log} 2>&1"
