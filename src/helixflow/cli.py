@@ -152,6 +152,7 @@ def _add_step_parsers(commands) -> None:
     tokenize.add_argument("out", type=Path)
     _add_model_args(tokenize)
     _add_gene_args(tokenize)
+    tokenize.add_argument("--threads", type=int, default=1, help="threads that rank cells in parallel")
     tokenize.set_defaults(handler=cmd_step_tokenize)
 
     embed = steps.add_parser("embed", help="embed a tokenized chunk")
@@ -357,7 +358,7 @@ def cmd_step_tokenize(args) -> int:
 
     _, files = _model_files(args)
     started = time.monotonic()
-    cells = tokenize_chunk(args.chunk, files, args.out, args.gene_id_column, _symbol_map(args))
+    cells = tokenize_chunk(args.chunk, files, args.out, args.gene_id_column, _symbol_map(args), threads=args.threads)
     print(f"helixflow: tokenized {cells} cells in {time.monotonic() - started:.1f} s -> {args.out}")
     return 0
 

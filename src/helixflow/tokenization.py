@@ -4,16 +4,17 @@ The encoding is helical's ``TranscriptomeTokenizer`` (itself Geneformer's): each
 counts are divided by its total count, scaled to 10,000, divided by each gene's non-zero
 median over the pretraining corpus; expressed genes are ranked by that value, highest
 first, and the ranked gene tokens, truncated to the model's input size, are the cell's
-``input_ids`` (framed by ``<cls>`` and ``<eos>`` for v2/v3 models). helixflow ranks a whole
-block of cells with one sort instead of one per cell, and writes each block to an Arrow
-IPC file, so memory stays flat whatever the dataset's size.
+``input_ids`` (framed by ``<cls>`` and ``<eos>`` for v2/v3 models). helixflow ranks blocks of
+cells with array operations (one small sort per cell is all that is left per cell), and
+writes each block to an Arrow IPC file, so memory stays flat whatever the dataset's size.
 
-Ties are broken by gene order (a stable sort); helical's unstable ``argsort`` may order
-exactly tied genes differently, the only place where the two can differ.
+Both sort each cell with numpy's default ``argsort``; only where dataset genes are merged
+(several columns for one Ensembl id) can exactly tied genes come out in another order.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,18 +39,20 @@ class GeneMapping:
 
     Attributes
     ----------
-    selector
-        ``(n_dataset_genes, n_kept)`` 0/1 matrix: ``X @ selector`` keeps vocabulary genes and
-        sums genes that map to the same Ensembl id.
+    kept_column
+        For each dataset gene, its column among the kept vocabulary genes, or -1.
     tokens
         Token id of each kept gene.
     medians
         Non-zero median of each kept gene.
+    merges_genes
+        Whether several dataset genes map to one Ensembl id (their counts are then summed).
     """
 
-    selector: sp.csr_matrix
+    kept_column: np.ndarray
     tokens: np.ndarray
     medians: np.ndarray
+    merges_genes: bool
 
 
 def read_symbol_map(path: str | Path) -> dict[str, str]:
@@ -86,13 +89,17 @@ def dataset_gene_ids(var: pd.DataFrame, gene_id_column: str, symbol_map: dict[st
 
 def map_genes(
     var: pd.DataFrame,
-    files: ModelFiles,
+    dictionaries: tuple[dict, dict, dict],
+    model_name: str,
     gene_id_column: str = "ensembl_id",
     symbol_map: dict[str, str] | None = None,
     path: Path = Path("input"),
 ) -> GeneMapping:
-    """Map a dataset's genes to a staged model's vocabulary, as helical's tokenizer does."""
-    token_dictionary, medians, ensembl_mapping = files.load_dictionaries()
+    """Map a dataset's genes to a model's vocabulary, as helical's tokenizer does.
+
+    ``dictionaries`` are the model's token, gene-median and Ensembl-mapping dictionaries.
+    """
+    token_dictionary, medians, ensembl_mapping = dictionaries
     ids = dataset_gene_ids(var, gene_id_column, symbol_map, path)
     mapped = [ensembl_mapping.get(str(gene).upper()) if isinstance(gene, str) else None for gene in ids]
     mapped = [gene if gene in token_dictionary and gene in medians else None for gene in mapped]
@@ -102,19 +109,30 @@ def map_genes(
         raise HelixflowError(
             path,
             f"no gene of var['{gene_id_column}'] (e.g. {example}) is in the vocabulary of model "
-            f"{files.model_name}; genes must be human Ensembl ids (ENSG...), or give gene_symbol_map",
+            f"{model_name}; genes must be human Ensembl ids (ENSG...), or give gene_symbol_map",
         )
     column_of = {gene: i for i, gene in enumerate(kept)}
-    rows = [i for i, gene in enumerate(mapped) if gene is not None]
-    cols = [column_of[mapped[i]] for i in rows]
-    selector = sp.csr_matrix(
-        (np.ones(len(rows), dtype=np.float64), (rows, cols)), shape=(len(mapped), len(kept))
-    )
+    kept_column = np.array([column_of[gene] if gene is not None else -1 for gene in mapped], dtype=np.int64)
     return GeneMapping(
-        selector=selector,
+        kept_column=kept_column,
         tokens=np.array([token_dictionary[gene] for gene in kept], dtype=np.int32),
         medians=np.array([medians[gene] for gene in kept], dtype=np.float64),
+        merges_genes=bool(np.count_nonzero(kept_column >= 0) > len(kept)),
     )
+
+
+def keep_vocabulary_genes(counts: sp.csr_matrix, mapping: GeneMapping) -> sp.csr_matrix:
+    """Counts of the kept vocabulary genes only, summed where dataset genes share an id."""
+    columns = mapping.kept_column[counts.indices]
+    keep = (columns >= 0) & (counts.data != 0)
+    rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))[keep]
+    kept = sp.csr_matrix(
+        (counts.data[keep].astype(np.float64), columns[keep], np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=counts.shape[0]))])),
+        shape=(counts.shape[0], len(mapping.tokens)),
+    )
+    if mapping.merges_genes:
+        kept.sum_duplicates()  # one entry per (cell, gene): summed counts
+    return kept
 
 
 def rank_value_encode(
@@ -122,6 +140,7 @@ def rank_value_encode(
     mapping: GeneMapping,
     max_genes: int,
     n_counts: np.ndarray | None = None,
+    threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rank-value encode a block of cells.
 
@@ -135,6 +154,8 @@ def rank_value_encode(
         Keep at most this many top-ranked genes per cell.
     n_counts
         Total counts per cell; defaults to the row sums over all genes (helical's rule).
+    threads
+        Threads that rank cells in parallel.
 
     Returns
     -------
@@ -143,18 +164,31 @@ def rank_value_encode(
     """
     if n_counts is None:
         n_counts = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    kept = (counts @ mapping.selector).tocsr()
-    kept.eliminate_zeros()
+    kept = keep_vocabulary_genes(counts, mapping)
     rows = np.repeat(np.arange(kept.shape[0]), np.diff(kept.indptr))
     # Same operation order as helical, so equal inputs give bit-equal values to rank.
-    values = kept.data / n_counts[rows] * TARGET_SUM / mapping.medians[kept.indices]
-    order = np.lexsort((-values, rows))  # by cell, then by value, highest first
-    rank = np.arange(len(order)) - kept.indptr[rows[order]]
-    keep = rank < max_genes
-    tokens = mapping.tokens[kept.indices[order[keep]]]
+    descending = -(kept.data / n_counts[rows] * TARGET_SUM / mapping.medians[kept.indices])
+    gene_tokens = mapping.tokens[kept.indices]
     lengths = np.minimum(np.diff(kept.indptr), max_genes)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    return tokens.astype(np.int32), offsets
+    tokens = np.empty(offsets[-1], dtype=np.int32)
+
+    def rank_cells(cells: range) -> None:
+        # numpy's default sort, as helical's: on equal values in equal order it breaks ties
+        # the same way. One small sort per cell beats one two-key sort of the whole block.
+        for cell in cells:
+            first, last = kept.indptr[cell], kept.indptr[cell + 1]
+            top = np.argsort(descending[first:last])[:max_genes]
+            tokens[offsets[cell] : offsets[cell + 1]] = gene_tokens[first:last][top]
+
+    n_cells = kept.shape[0]
+    if threads > 1:  # numpy's argsort releases the GIL, so threads sort cells side by side
+        bounds = np.linspace(0, n_cells, threads + 1).astype(int)
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(rank_cells, [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
+    else:
+        rank_cells(range(n_cells))
+    return tokens, offsets
 
 
 def frame_special_tokens(tokens: np.ndarray, offsets: np.ndarray, cls_token: int, eos_token: int) -> tuple[np.ndarray, np.ndarray]:
@@ -189,15 +223,19 @@ class CellTokenizer:
         Optional symbol-to-Ensembl table, applied to that column.
     path
         The dataset, named in error messages.
+    threads
+        Threads that rank cells in parallel.
     """
 
     def __init__(self, files: ModelFiles, var: pd.DataFrame, gene_id_column: str = "ensembl_id",
-                 symbol_map: dict[str, str] | None = None, path: Path = Path("input")) -> None:
+                 symbol_map: dict[str, str] | None = None, path: Path = Path("input"), threads: int = 1) -> None:
         facts = model_facts(files.model_name)
-        self.mapping = map_genes(var, files, gene_id_column, symbol_map, path)
+        dictionaries = files.load_dictionaries()
+        self.mapping = map_genes(var, dictionaries, files.model_name, gene_id_column, symbol_map, path)
         self.special_tokens = facts["special_tokens"]
         self.max_genes = facts["input_size"] - 2 if self.special_tokens else facts["input_size"]
-        token_dictionary = files.load_dictionaries()[0]
+        self.threads = threads
+        token_dictionary = dictionaries[0]
         self.cls_token = token_dictionary.get("<cls>")
         self.eos_token = token_dictionary.get("<eos>")
         if self.special_tokens and (self.cls_token is None or self.eos_token is None):
@@ -209,7 +247,7 @@ class CellTokenizer:
 
     def encode(self, counts: sp.csr_matrix, n_counts: np.ndarray | None = None) -> pa.RecordBatch:
         """Return one Arrow record batch (``input_ids``, ``length``) for a block of cells."""
-        tokens, offsets = rank_value_encode(counts, self.mapping, self.max_genes, n_counts)
+        tokens, offsets = rank_value_encode(counts, self.mapping, self.max_genes, n_counts, self.threads)
         if self.special_tokens:
             tokens, offsets = frame_special_tokens(tokens, offsets, self.cls_token, self.eos_token)
         input_ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(tokens))
@@ -230,7 +268,8 @@ def tokenize_chunk(
     out: str | Path,
     gene_id_column: str = "ensembl_id",
     symbol_map: dict[str, str] | None = None,
-    block_cells: int = 10_000,
+    block_cells: int = 2_048,
+    threads: int = 1,
 ) -> int:
     """Tokenize one chunk file into an Arrow IPC file, block by block; return the cell count.
 
@@ -238,7 +277,7 @@ def tokenize_chunk(
     otherwise the row sum of ``X``.
     """
     layout = inspect_h5ad(chunk_path)
-    tokenizer = CellTokenizer(files, read_var(chunk_path), gene_id_column, symbol_map, Path(chunk_path))
+    tokenizer = CellTokenizer(files, read_var(chunk_path), gene_id_column, symbol_map, Path(chunk_path), threads)
     with h5py.File(chunk_path, "r") as handle:
         obs_columns = read_obs_rows(handle, 0, 0).columns
     with atomic_path(out) as partial, pa.OSFile(str(partial), "wb") as sink:
