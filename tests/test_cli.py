@@ -1,0 +1,48 @@
+"""The command line: help, info (through helical's own loader), profiles, model staging."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+
+from helixflow.cli import main
+from helixflow.profiles import load_profile, step_resources
+
+
+def test_every_command_has_help():
+    for command in (["run"], ["info"], ["model", "stage"], ["profile", "show"], ["demo-data"], ["step", "tokenize"]):
+        result = subprocess.run([sys.executable, "-m", "helixflow.cli", *command, "--help"], capture_output=True, text=True)
+        assert result.returncode == 0 and "usage: helixflow" in result.stdout
+
+
+def test_info_loads_the_staged_model_with_helical(models_dir, capsys):
+    assert main(["info", "--profile", "tiny", "--models-dir", str(models_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "loaded by helical.models.geneformer.Geneformer" in out
+    assert "2 layers, hidden 128" in out and "helical" in out and "2.2.0" in out
+
+
+def test_info_says_when_the_model_is_not_staged(tmp_path, capsys):
+    assert main(["info", "--profile", "tiny", "--models-dir", str(tmp_path)]) == 0
+    assert "not staged" in capsys.readouterr().out
+
+
+def test_profile_show_prints_resources(capsys):
+    assert main(["profile", "show", "gf-12L-104M-i4096", "--cells", "10000"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    expected = step_resources(load_profile("gf-12L-104M-i4096"), "embed", 10_000)
+    assert shown["snakemake_resources"]["embed"] == expected
+    assert expected["gpu"] == 1 and expected["gpu_model"] == "a100"
+
+
+def test_model_stage_tiny(tmp_path, capsys):
+    assert main(["model", "stage", "--profile", "tiny", "--models-dir", str(tmp_path), "--tiny"]) == 0
+    assert (tmp_path / "tiny" / ".cache" / "helical" / "models" / "geneformer" / "v1" / "gf-6L-10M-i2048" / "config.json").is_file()
+
+
+def test_bad_profile_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "mine.yaml").write_text("name: mine\nmodel_name: gf-6L-10M-i2048\nembed: {batch_size: -1}\n")
+    assert main(["profile", "show", "mine", "--profiles-dir", str(tmp_path)]) == 2
+    assert "mine.yaml: invalid profile at embed/batch_size" in capsys.readouterr().err
