@@ -125,9 +125,9 @@ def keep_vocabulary_genes(counts: sp.csr_matrix, mapping: GeneMapping) -> sp.csr
     """Counts of the kept vocabulary genes only, summed where dataset genes share an id."""
     columns = mapping.kept_column[counts.indices]
     keep = (columns >= 0) & (counts.data != 0)
-    rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))[keep]
+    kept_before = np.concatenate([[0], np.cumsum(keep)])  # kept entries before each position
     kept = sp.csr_matrix(
-        (counts.data[keep].astype(np.float64), columns[keep], np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=counts.shape[0]))])),
+        (counts.data[keep], columns[keep], kept_before[counts.indptr]),
         shape=(counts.shape[0], len(mapping.tokens)),
     )
     if mapping.merges_genes:
@@ -165,9 +165,9 @@ def rank_value_encode(
     if n_counts is None:
         n_counts = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
     kept = keep_vocabulary_genes(counts, mapping)
-    rows = np.repeat(np.arange(kept.shape[0]), np.diff(kept.indptr))
+    cell_counts = np.repeat(n_counts, np.diff(kept.indptr))
     # Same operation order as helical, so equal inputs give bit-equal values to rank.
-    descending = -(kept.data / n_counts[rows] * TARGET_SUM / mapping.medians[kept.indices])
+    descending = -(kept.data / cell_counts * TARGET_SUM / mapping.medians[kept.indices])
     gene_tokens = mapping.tokens[kept.indices]
     lengths = np.minimum(np.diff(kept.indptr), max_genes)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
