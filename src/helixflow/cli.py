@@ -358,7 +358,7 @@ def cmd_step_tokenize(args) -> int:
 
     _, files = _model_files(args)
     started = time.monotonic()
-    cells = tokenize_chunk(args.chunk, files, args.out, args.gene_id_column, _symbol_map(args), threads=args.threads)
+    cells = tokenize_chunk(args.chunk, files, args.out, args.gene_id_column, _symbol_map(args), threads=args.threads, progress=True)
     print(f"helixflow: tokenized {cells} cells in {time.monotonic() - started:.1f} s -> {args.out}")
     return 0
 

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
+from tqdm import tqdm
 
 from helixflow.errors import HelixflowError
 from helixflow.h5ad import inspect_h5ad, iter_row_blocks, read_obs_rows, read_var
@@ -270,6 +271,7 @@ def tokenize_chunk(
     symbol_map: dict[str, str] | None = None,
     block_cells: int = 2_048,
     threads: int = 1,
+    progress: bool = False,
 ) -> int:
     """Tokenize one chunk file into an Arrow IPC file, block by block; return the cell count.
 
@@ -278,15 +280,17 @@ def tokenize_chunk(
     """
     layout = inspect_h5ad(chunk_path)
     tokenizer = CellTokenizer(files, read_var(chunk_path), gene_id_column, symbol_map, Path(chunk_path), threads)
-    with h5py.File(chunk_path, "r") as handle:
-        obs_columns = read_obs_rows(handle, 0, 0).columns
-    with atomic_path(out) as partial, pa.OSFile(str(partial), "wb") as sink:
-        with pa.ipc.new_file(sink, ARROW_SCHEMA) as writer:
-            for first, block in iter_row_blocks(chunk_path, 0, layout.n_cells, block_cells):
-                n_counts = None
-                if "n_counts" in obs_columns:
-                    with h5py.File(chunk_path, "r") as handle:
-                        rows = read_obs_rows(handle, first, first + block.shape[0])
-                    n_counts = rows["n_counts"].to_numpy(dtype=np.float64)
-                writer.write_batch(tokenizer.encode(block, n_counts))
+    bar = tqdm(total=layout.n_cells, desc="tokenize", unit="cell", mininterval=5, disable=not progress)
+    with atomic_path(out) as partial, pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, ARROW_SCHEMA) as writer, bar:
+        for first, block in iter_row_blocks(chunk_path, 0, layout.n_cells, block_cells):
+            writer.write_batch(tokenizer.encode(block, _obs_total_counts(chunk_path, first, block.shape[0])))
+            bar.update(block.shape[0])
     return layout.n_cells
+
+
+def _obs_total_counts(path: str | Path, first: int, n_cells: int) -> np.ndarray | None:
+    """``obs['n_counts']`` of cells ``first:first + n_cells`` if the file has that column."""
+    with h5py.File(path, "r") as handle:
+        if "n_counts" not in handle["obs"]:
+            return None
+        return read_obs_rows(handle, first, first + n_cells)["n_counts"].to_numpy(dtype=np.float64)
