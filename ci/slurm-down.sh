@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ci/slurm-down.sh STATE_DIR: stop the cluster that ci/slurm-up.sh STATE_DIR started.
 # Cancels jobs still known, then stops slurmd, slurmctld and munged by the pids in
-# STATE_DIR (TERM, then KILL after 15 s).  Nothing running is fine; logs stay.
+# STATE_DIR (TERM, then KILL after 15 s), and removes the config files slurm-up wrote.
+# Nothing running is fine; logs and jobcomp.txt stay in STATE_DIR.
 set -uo pipefail
 [[ $# == 1 && -n $1 ]] || { echo "usage: $0 STATE_DIR" >&2; exit 2; }
 STATE=$1
@@ -28,4 +29,8 @@ fi
 stop "$STATE/slurmd.pid"
 stop "$STATE/slurmctld.pid"
 stop "$STATE/munged.pid"
+# The config goes too, if slurm-up wrote it for this very STATE_DIR.
+if [[ -d $STATE ]] && grep -qF "# Written by ci/slurm-up.sh for $(cd "$STATE" && pwd -P):" /etc/slurm/slurm.conf 2>/dev/null; then
+    rm -f /etc/slurm/slurm.conf /etc/slurm/gres.conf
+fi
 exit 0

@@ -12,7 +12,7 @@
 # Everything but the config lives in STATE_DIR: munge key and socket, controller state,
 # spool, logs, pid files and log/jobcomp.txt (one line per finished job, kept).  The config
 # must be /etc/slurm/slurm.conf (with gres.conf next to it): srun inside a job reads it
-# from there.  One such cluster per machine (ports 6817/6818).
+# from there; ci/slurm-down.sh removes both.  One such cluster per machine (ports 6817/6818).
 set -euo pipefail
 
 install_packages() {
@@ -23,11 +23,16 @@ install_packages() {
     [[ $missing == 1 ]] || return 0
     echo "slurm-up: installing munge and slurm" >&2
     # The packages' scripts must not start services: the daemons are ours to start.
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-    chmod 755 /usr/sbin/policy-rc.d
+    local made=0 status=0
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        made=1
+    fi
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q && apt-get install -y -q --no-install-recommends munge slurm-wlm
-    rm -f /usr/sbin/policy-rc.d
+    { apt-get update -q && apt-get install -y -q --no-install-recommends munge slurm-wlm; } || status=$?
+    [[ $made == 0 ]] || rm -f /usr/sbin/policy-rc.d
+    return $status
 }
 
 [[ $# == 1 && -n $1 ]] || { echo "usage: $0 --install | STATE_DIR" >&2; exit 2; }
@@ -100,7 +105,10 @@ NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$MEM Gres=gpu:testgpu
 PartitionName=main Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$NODE MaxTime=INFINITE State=UP
 EOF
-printf "NodeName=$NODE Name=gpu Type=testgpu File=%s\n" /dev/null /dev/zero >/etc/slurm/gres.conf
+{
+    echo "# Written by ci/slurm-up.sh for $STATE"
+    printf "NodeName=$NODE Name=gpu Type=testgpu File=%s\n" /dev/null /dev/zero
+} >/etc/slurm/gres.conf
 export SLURM_CONF=/etc/slurm/slurm.conf
 
 [[ -s $STATE/munge/munge.key ]] || mungekey --create --keyfile="$STATE/munge/munge.key"

@@ -40,7 +40,9 @@ from helixflow.tokenization import open_tokens, tokenize_chunk
 CELLS, CHUNK_SIZE = 600, 200
 CHUNKS = [f"chunk-{index:05d}" for index in range(CELLS // CHUNK_SIZE)]
 BAD_CHUNK = "chunk-00001"
-RUN_LIMIT_S = 300  # a hung run is killed; the executor ignores SIGTERM while it polls
+RUN_LIMIT_S = 600  # a hung run is killed; the executor ignores SIGTERM while it polls
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +184,9 @@ def test_every_job_asked_for_what_the_profile_gives(runs, work, cluster):
 def test_failed_chunk_fails_the_run_with_its_log_and_is_redone_alone(runs, work):
     failed = runs["failed"][0]
     assert failed.returncode != 0
-    assert f"{BAD_CHUNK}.arrow: not a readable tokenized chunk" in failed.stdout + failed.stderr
+    output = failed.stdout + failed.stderr
+    assert f"{BAD_CHUNK}.arrow: not a readable tokenized chunk" in output  # the job's own log, printed
+    assert f"slurm_logs/rule_embed/{BAD_CHUNK}/" in output  # and where SLURM's log of the job is
     embedded = {rule_and_chunk(record) for record in runs["failed"][1] if record["JobState"] == "COMPLETED"}
     assert embedded == {("embed", chunk) for chunk in CHUNKS if chunk != BAD_CHUNK}
 
