@@ -11,13 +11,16 @@ venv: $(VENV)/.installed
 
 # torch first, pinned: the CPU build where the machine has one; nothing may pull another.
 # helical 2.2.0 pins torch==2.7.0 (a multi-GB CUDA download), so it goes in without its
-# pins; pyproject.toml lists the packages it imports.
+# pins; pyproject.toml lists the packages it imports. The SLURM executor plugin 2.8.0 asks
+# for numpy>=2.4.5, which helical's numpy<2.3 rules out (it imports numpy only for its
+# optional efficiency report): it goes in without its pins too; pyproject.toml lists the rest.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet --no-deps helical==2.2.0
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps snakemake-executor-plugin-slurm==2.8.0
 	touch $@
 
 demo: venv

@@ -38,5 +38,15 @@ def chunk_cells(wildcards):
 
 
 def resources_of(step, cells=config["chunk_size"]):
-    """Snakemake threads/resources of a step, from the model profile."""
-    return step_resources(PROFILE, step, min(cells, LAYOUT.n_cells))
+    """Snakemake threads/resources of a step, from the model profile.
+
+    mem_mb grows with the attempt: the profile's value first, twice that on the first
+    retry (--retries, e.g. after SLURM killed the job for memory), and so on.
+    """
+    resources = step_resources(PROFILE, step, min(cells, LAYOUT.n_cells))
+    resources["mem_mb"] = memory_by_attempt(resources["mem_mb"])
+    return resources
+
+
+def memory_by_attempt(mem_mb):
+    return lambda wildcards, attempt: mem_mb * attempt
