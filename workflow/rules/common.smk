@@ -32,11 +32,6 @@ wildcard_constraints:
     chunk=r"chunk-\d{5}",
 
 
-def chunk_cells(wildcards):
-    start, stop = CHUNK_BOUNDS[wildcards.chunk]
-    return stop - start
-
-
 def resources_of(step, cells=config["chunk_size"]):
     """Snakemake threads/resources of a step, from the model profile.
 
