@@ -10,6 +10,7 @@ FROM ${BASE_IMAGE}
 ARG AIRFLOW_VERSION=3.3.2
 ARG DOCKER_PROVIDER_VERSION=4.6.1
 ARG PSYCOPG2_VERSION=2.9.13
+ARG STATSD_VERSION=4.0.1
 ARG AIRFLOW_UID=50000
 ARG PIP_INDEX_URL=
 ARG PIP_EXTRA_INDEX_URL=
@@ -46,7 +47,7 @@ RUN set -eu; \
     unset PIP_CONSTRAINT; \
     pip install --constraint /opt/airflow-constraints.txt \
         "apache-airflow==${AIRFLOW_VERSION}" "apache-airflow-providers-docker==${DOCKER_PROVIDER_VERSION}" \
-        "psycopg2-binary==${PSYCOPG2_VERSION}"; \
+        "psycopg2-binary==${PSYCOPG2_VERSION}" "statsd==${STATSD_VERSION}"; \
     airflow version
 
 COPY airflow/dags /opt/airflow/dags
