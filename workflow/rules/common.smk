@@ -1,5 +1,6 @@
 # Run-wide values computed once at parse time: the model profile, the chunks, the paths.
 import json
+import os
 
 from helixflow.h5ad import chunk_bounds, inspect_h5ad
 from helixflow.model_files import ModelFiles, model_facts
@@ -11,6 +12,11 @@ MODEL_FILES = ModelFiles(
     f"{config['models_dir']}/{PROFILE['name']}", PROFILE["model_name"]
 )
 MODEL_READY = str(MODEL_FILES.model_dir / "config.json")
+# Model files staged beforehand in a folder this run cannot write (a read-only container mount):
+# stage_model then only records them, since staging again would fail.
+MODEL_PRESTAGED = os.path.isfile(MODEL_READY) and not os.access(
+    MODEL_FILES.model_dir, os.W_OK
+)
 # Reads only the file's header: a bad input fails here, before any output exists.
 LAYOUT = inspect_h5ad(config["input"])
 CHUNK_BOUNDS = {

@@ -1,19 +1,39 @@
-rule stage_model:
-    output:
-        MODEL_READY,
-    log:
-        f"{OUTDIR}/logs/stage_model.log",
-    benchmark:
-        f"{OUTDIR}/benchmarks/stage_model/all.tsv"
-    conda:
-        "../../envs/helixflow.yaml"
-    container:
-        config["containers"]["cpu"]
-    threads: resources_of("stage_model")["threads"]
-    resources:
-        mem_mb=resources_of("stage_model")["mem_mb"],
-        runtime=resources_of("stage_model")["runtime"],
-    params:
-        model=MODEL_ARGS,
-    shell:
-        "helixflow model stage {params.model} > {log} 2>&1"
+if MODEL_PRESTAGED:
+
+    rule stage_model:
+        output:
+            f"{OUTDIR}/qc/model_files.txt",
+        log:
+            f"{OUTDIR}/logs/stage_model.log",
+        benchmark:
+            f"{OUTDIR}/benchmarks/stage_model/all.tsv"
+        threads: 1
+        resources:
+            mem_mb=100,
+            runtime=1,
+        params:
+            model_dir=MODEL_FILES.model_dir,
+        shell:
+            "find {params.model_dir} -type f > {output} 2> {log}"
+
+else:
+
+    rule stage_model:
+        output:
+            MODEL_READY,
+        log:
+            f"{OUTDIR}/logs/stage_model.log",
+        benchmark:
+            f"{OUTDIR}/benchmarks/stage_model/all.tsv"
+        conda:
+            "../../envs/helixflow.yaml"
+        container:
+            config["containers"]["cpu"]
+        threads: resources_of("stage_model")["threads"]
+        resources:
+            mem_mb=resources_of("stage_model")["mem_mb"],
+            runtime=resources_of("stage_model")["runtime"],
+        params:
+            model=MODEL_ARGS,
+        shell:
+            "helixflow model stage {params.model} > {log} 2>&1"
