@@ -87,6 +87,23 @@ def test_image_default_command_and_data_check(podman, image):
     assert "helixflow: error: /data: data folder missing" in missing.stderr
 
 
+
+def test_airflow_image_builds_without_the_model_stack(podman):
+    """The Airflow image (Airflow 3.3.2 + providers-docker) on the same local base, no torch in it."""
+    tag = "localhost/helixflow-airflow:3.3.2"
+    started = time.monotonic()
+    build = subprocess.run([PROJECT_DIR / "ci" / "build-image.sh", "containers/airflow.Dockerfile", tag],
+                           env=podman, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-4000:]
+    print(f"airflow image build: {time.monotonic() - started:.0f} s", file=sys.stderr)
+    version = podman_cli(podman, "run", "--rm", tag, "version")
+    assert version.stdout.strip().splitlines()[-1] == "3.3.2", version.stdout + version.stderr
+    check = podman_cli(podman, "run", "--rm", "--entrypoint", "python", tag, "-c",
+                       "import importlib.util as u, airflow.providers.docker as d, os; "
+                       "print(os.getuid(), u.find_spec('torch') is None, u.find_spec('helical') is None)")
+    assert check.stdout.split() == ["50000", "True", "True"], check.stdout + check.stderr
+
+
 @pytest.fixture(scope="module")
 def stack(podman, image, tmp_path_factory):
     """Data (read-only for the containers), results, and an Airflow home with sqlite."""
@@ -251,3 +268,26 @@ def test_api_server_lists_the_dag_and_its_params(tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+
+
+def test_local_execution_runs_the_same_stages_without_docker(tmp_path):
+    """HELIXFLOW_EXECUTION=local: the same DAG with the stages as local processes (no Docker API)."""
+    require_airflow()
+    helixflow = shutil.which("helixflow")
+    data, results, home = tmp_path / "data", tmp_path / "results", tmp_path / "home"
+    subprocess.run([helixflow, "demo-data", data / "cells.h5ad", "--cells", "300", "--seed", "4"], check=True,
+                   capture_output=True)
+    env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_DIR / "airflow" / "dags"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "HELIXFLOW_EXECUTION": "local", "HELIXFLOW_BIN": helixflow,
+           "HELIXFLOW_DATA_DIR": str(data), "HELIXFLOW_RESULTS_DIR": str(results), "HELIXFLOW_RETRIES": "0",
+           "NO_COLOR": "1"}
+    for command in (["db", "migrate"], ["pools", "set", "helixflow_gpu", "1", "GPU stages"]):
+        assert subprocess.run([AIRFLOW, *command], env=env, capture_output=True).returncode == 0
+    conf = {"input": "cells.h5ad", "model": "tiny", "stages": ["stage", "validate", "split", "tokenize", "embed"]}
+    run = subprocess.run([AIRFLOW, "dags", "test", "helixflow", CONF_DATE, "-c", json.dumps(conf)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-6000:]
+    assert (results / "cells" / "embeddings" / "embeddings.h5ad").is_file()
+    assert not (results / "cells" / "report.html").exists()  # the report stage was not selected
+    assert "'cells': 300" in output
