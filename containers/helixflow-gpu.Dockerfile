@@ -10,7 +10,6 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ARG HELICAL_VERSION=2.2.0
 ARG DEEPSPEED_VERSION=0.19.8
-ARG PYTHON_PACKAGE_VERSION=3.11.0-1~22.04.1
 ARG APP_UID=1000
 ARG BAKE_MODEL_PROFILE=
 ARG BAKE_MODEL_FROM=
@@ -35,7 +34,7 @@ ENV LANG=C.UTF-8 \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        "python3.11=${PYTHON_PACKAGE_VERSION}" "python3.11-venv=${PYTHON_PACKAGE_VERSION}" ca-certificates procps \
+        python3.11 python3.11-venv ca-certificates procps \
     && apt-get clean \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv /opt/venv
