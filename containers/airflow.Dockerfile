@@ -1,0 +1,63 @@
+# Airflow image for the compose stack: Airflow 3.3.2 + providers-docker 4.6.1 + the Postgres
+# driver. None of the model stack: the DAG's stage tasks run in the helixflow image through the
+# Docker API (the socket proxy). The DAGs and profiles are mounted (compose.yaml) or baked in below.
+# Build (context: the repository root):
+#   docker build -f containers/airflow.Dockerfile -t helixflow-airflow:3.3.2 .
+#   ci/build-image.sh containers/airflow.Dockerfile localhost/helixflow-airflow:3.3.2   # podman
+ARG BASE_IMAGE=debian:bookworm-slim
+FROM ${BASE_IMAGE}
+
+ARG AIRFLOW_VERSION=3.3.2
+ARG DOCKER_PROVIDER_VERSION=4.6.1
+ARG PSYCOPG2_VERSION=2.9.13
+ARG STATSD_VERSION=4.0.1
+ARG AIRFLOW_UID=50000
+ARG PIP_INDEX_URL=
+ARG PIP_EXTRA_INDEX_URL=
+ARG PIP_FIND_LINKS=
+ARG PIP_CONSTRAINT=
+ARG HOST_CA_BUNDLE=
+
+ENV LANG=C.UTF-8 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/airflow-venv \
+    PATH=/opt/airflow-venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    AIRFLOW_HOME=/opt/airflow \
+    AIRFLOW__CORE__DAGS_FOLDER=/opt/airflow/dags \
+    AIRFLOW__CORE__LOAD_EXAMPLES=False \
+    HELIXFLOW_PROFILES_DIR=/opt/airflow/profiles
+
+RUN set -eu; \
+    apt_opts=""; [ -n "$HOST_CA_BUNDLE" ] && apt_opts="-o Acquire::https::CAInfo=$HOST_CA_BUNDLE"; \
+    export DEBIAN_FRONTEND=noninteractive; \
+    apt-get $apt_opts update; \
+    apt-get $apt_opts install -y --no-install-recommends python3 python3-venv ca-certificates curl tini; \
+    apt-get clean; rm -rf /var/lib/apt/lists/*; \
+    python3 -m venv /opt/airflow-venv
+
+COPY containers/airflow-constraints.txt /opt/airflow-constraints.txt
+# Airflow's constraints approach: every transitive version fixed by a constraints file
+# (containers/airflow-constraints.txt, resolved and tested by the Makefile's .venv-airflow).
+RUN set -eu; \
+    for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_CONSTRAINT; do \
+        eval "[ -n \"\${$v:-}\" ]" || unset "$v"; done; \
+    [ -n "$HOST_CA_BUNDLE" ] && export PIP_CERT="$HOST_CA_BUNDLE"; \
+    unset PIP_CONSTRAINT; \
+    pip install --constraint /opt/airflow-constraints.txt \
+        "apache-airflow==${AIRFLOW_VERSION}" "apache-airflow-providers-docker==${DOCKER_PROVIDER_VERSION}" \
+        "psycopg2-binary==${PSYCOPG2_VERSION}" "statsd==${STATSD_VERSION}"; \
+    airflow version
+
+COPY airflow/dags /opt/airflow/dags
+COPY config/profiles /opt/airflow/profiles
+RUN useradd --uid "${AIRFLOW_UID}" --gid 0 --home-dir /opt/airflow --shell /bin/bash airflow \
+    && mkdir -p /opt/airflow/logs \
+    && chown -R "${AIRFLOW_UID}:0" /opt/airflow \
+    && chmod -R g+rwX /opt/airflow
+
+USER ${AIRFLOW_UID}
+WORKDIR /opt/airflow
+ENTRYPOINT ["/usr/bin/tini", "--", "airflow"]
+CMD ["version"]

@@ -1,0 +1,86 @@
+# helixflow CPU image: the orchestrator and every workflow step on CPU.
+#   Python 3.11 (Debian bookworm), helixflow, helical 2.2.0, snakemake, torch 2.13.0 (CPU).
+# Build (context: the repository root):
+#   docker build -f containers/helixflow.Dockerfile -t helixflow:0.1.0 .
+#   ci/build-image.sh containers/helixflow.Dockerfile localhost/helixflow:0.1.0   # podman, no registry
+# Run:
+#   docker run --rm helixflow:0.1.0                                   # helixflow info (versions, device, model)
+#   docker run --rm -v /data:/data:ro -v /results:/results helixflow:0.1.0 \
+#       run /data/cells.h5ad --model tiny --models-dir /data/models --out /results/cells
+# Model files: mounted (a folder laid out as `helixflow model stage` leaves it, e.g. /data/models)
+# or baked in with --build-arg BAKE_MODEL_PROFILE=<profile> [--build-arg BAKE_MODEL_FROM=<path in
+# the context>] into /opt/helixflow-models. Containers never need the network.
+# No BuildKit-only syntax: podman/buildah and the classic builder accept it.
+ARG BASE_IMAGE=debian:bookworm-slim
+FROM ${BASE_IMAGE}
+
+ARG TORCH_VERSION=2.13.0
+ARG HELICAL_VERSION=2.2.0
+ARG APP_UID=1000
+# Host pip sources, mounted into RUN steps by ci/build-image.sh; empty ones are unset.
+ARG PIP_INDEX_URL=
+ARG PIP_EXTRA_INDEX_URL=
+ARG PIP_FIND_LINKS=
+ARG PIP_CONSTRAINT=
+ARG HOST_CA_BUNDLE=
+ARG BAKE_MODEL_PROFILE=
+ARG BAKE_MODEL_FROM=
+
+ENV LANG=C.UTF-8 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    HELIXFLOW_DATA_DIR=/data \
+    HELIXFLOW_RESULTS_DIR=/results \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    MPLBACKEND=Agg
+
+# Debian bookworm's python3 is 3.11. procps: snakemake and psutil-based benchmarks use it.
+RUN set -eu; \
+    apt_opts=""; [ -n "$HOST_CA_BUNDLE" ] && apt_opts="-o Acquire::https::CAInfo=$HOST_CA_BUNDLE"; \
+    export DEBIAN_FRONTEND=noninteractive; \
+    apt-get $apt_opts update; \
+    apt-get $apt_opts install -y --no-install-recommends python3 python3-venv ca-certificates procps; \
+    apt-get clean; rm -rf /var/lib/apt/lists/*; \
+    python3 -m venv /opt/venv; \
+    python -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version'
+
+# Dependencies first (their own layer): torch CPU, helical without its torch==2.7.0 pin, then the
+# runtime packages pyproject.toml lists.
+COPY pyproject.toml /opt/helixflow/pyproject.toml
+RUN set -eu; \
+    for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_CONSTRAINT; do \
+        eval "[ -n \"\${$v:-}\" ]" || unset "$v"; done; \
+    [ -n "$HOST_CA_BUNDLE" ] && export PIP_CERT="$HOST_CA_BUNDLE"; \
+    pip install --upgrade pip==26.3 setuptools==84.2.1; \
+    pip install "torch==${TORCH_VERSION}"; \
+    pip install --no-deps "helical==${HELICAL_VERSION}"; \
+    python -c 'import tomllib; print("\n".join(tomllib.load(open("/opt/helixflow/pyproject.toml", "rb"))["project"]["dependencies"]))' \
+        > /tmp/requirements.txt; \
+    pip install -r /tmp/requirements.txt; \
+    rm /tmp/requirements.txt; \
+    python -c 'import torch; assert torch.__version__.startswith("'"$TORCH_VERSION"'"), torch.__version__'
+
+# The project: editable, because it finds workflow/ and config/ next to src/.
+COPY . /opt/helixflow
+RUN set -eu; \
+    for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_CONSTRAINT; do \
+        eval "[ -n \"\${$v:-}\" ]" || unset "$v"; done; \
+    pip install --no-deps --no-build-isolation -e /opt/helixflow; \
+    install -m 0755 /opt/helixflow/containers/entrypoint.sh /usr/local/bin/helixflow-entrypoint; \
+    useradd --uid "$APP_UID" --create-home --shell /bin/bash helix; \
+    mkdir -p /opt/helixflow-models; \
+    if [ -n "$BAKE_MODEL_PROFILE" ]; then \
+        if [ -n "$BAKE_MODEL_FROM" ]; then from="--from /opt/helixflow/$BAKE_MODEL_FROM"; else from=""; fi; \
+        helixflow model stage --profile "$BAKE_MODEL_PROFILE" --models-dir /opt/helixflow-models $from; \
+    fi; \
+    chmod -R a+rX /opt/helixflow-models
+
+USER ${APP_UID}
+WORKDIR /home/helix
+ENTRYPOINT ["helixflow-entrypoint"]
+CMD []
