@@ -152,7 +152,7 @@ def test_dag_runs_the_workflow_in_containers(stack):
     for relative in ("embeddings/embeddings.h5ad", "report.html", "qc/input_check.json",
                      "report/embedding_summary.json", "pipeline_info/execution_trace.tsv"):
         assert (out / relative).is_file(), relative
-    assert "'cells': 600" in output  # the summary's XCom, as the task logs its return value
+    assert "'cells': 600, 'genes': 1640" in output  # the summary's XCom, as the task logs its return value
     assert sha256(stack["data"] / "test.h5ad") == before
     assert sorted(p.name for p in stack["data"].iterdir()) == ["bad.h5ad", "models", "test.h5ad"]
     assert podman_cli(stack["env"], "ps", "-aq", "--filter", "label=helixflow.test=1").stdout.strip() == ""
@@ -247,7 +247,7 @@ def test_api_server_lists_the_dag_and_its_params(tmp_path):
         dags = {dag["dag_id"] for dag in get("/api/v2/dags")["dags"]}
         assert {"helixflow", "helixflow_inbox"} <= dags
         details = get("/api/v2/dags/helixflow/details")
-        assert set(details["params"]) == {"input", "model", "stages", "run_name", "chunk_size"}
+        assert set(details["params"]) == {"input", "model", "stages", "run_name", "chunk_size", "workflow_profile"}
         assert "tiny" in details["params"]["model"]["schema"]["enum"]
         tasks = [t["task_id"] for t in get("/api/v2/dags/helixflow/tasks")["tasks"]]
         assert {"stage", "validate", "split", "tokenize", "embed", "report", "summary"} <= set(tasks)
@@ -291,3 +291,15 @@ def test_local_execution_runs_the_same_stages_without_docker(tmp_path):
     assert (results / "cells" / "embeddings" / "embeddings.h5ad").is_file()
     assert not (results / "cells" / "report.html").exists()  # the report stage was not selected
     assert "'cells': 300" in output
+
+
+def test_slurm_param_hands_the_stage_to_a_slurm_profile():
+    require_airflow()
+    code = ("import json, sys; sys.path.insert(0, 'airflow/dags'); import helixflow as dag; "
+            "params = {'input': 'a.h5ad', 'model': 'tiny', 'run_name': '', 'workflow_profile': 'slurm'}; "
+            "print(json.dumps(dag.stage_command(params, 'embed', '/data', '/results', '/data/models', 2)))")
+    done = subprocess.run([AIRFLOW_VENV / "bin" / "python", "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    command = json.loads(done.stdout.strip().splitlines()[-1])
+    assert command[:2] == ["run", "/data/a.h5ad"] and command[-2:] == ["--workflow-profile", "slurm"]
+    assert command[command.index("--until") + 1] == "embed"

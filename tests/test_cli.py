@@ -46,3 +46,13 @@ def test_bad_profile_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "mine.yaml").write_text("name: mine\nmodel_name: gf-6L-10M-i2048\nembed: {batch_size: -1}\n")
     assert main(["profile", "show", "mine", "--profiles-dir", str(tmp_path)]) == 2
     assert "mine.yaml: invalid profile at embed/batch_size" in capsys.readouterr().err
+
+
+def test_run_hands_jobs_to_a_slurm_profile(dataset, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "helixflow.cli", "run", str(dataset), "--out", str(tmp_path / "o"),
+                             "--models-dir", str(tmp_path / "m"), "--workflow-profile", "slurm", "--dry-run"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Using workflow specific profile" in result.stdout + result.stderr
+    assert "profiles/slurm for setting" in result.stdout + result.stderr
+    assert not (tmp_path / "o").exists()  # a dry run writes nothing

@@ -106,6 +106,9 @@ def stage_command(params: dict, stage: str, data_dir: str, results_dir: str, mod
         command += ["--profiles-dir", profiles_dir]
     if params.get("chunk_size"):
         command += ["--chunk-size", str(int(params["chunk_size"]))]
+    if params.get("workflow_profile", "default") != "default":
+        # Hand the jobs to SLURM: the image needs the SLURM client and munge key (docs/hpc.md).
+        command += ["--workflow-profile", params["workflow_profile"]]
     return command
 
 
@@ -119,6 +122,9 @@ PARAMS = {
     "run_name": Param("", type="string", title="Run name",
                       description="results folder name under the results folder; default: the input's file name"),
     "chunk_size": Param(None, type=["null", "integer"], minimum=1, title="Cells per chunk"),
+    "workflow_profile": Param("default", type="string", enum=["default", "slurm", "slurm-gpu", "slurm-apptainer"],
+                              title="Where the jobs run",
+                              description="default: inside the stage's container; slurm*: submitted to the SLURM cluster"),
 }
 
 
@@ -260,7 +266,7 @@ with DAG(
             "embedding_map": "report/embedding_map.png", "trace": "pipeline_info/execution_trace.tsv"}.items()
             if (out / relative).exists()}
         return {"input": params["input"], "model": params["model"], "results": str(out),
-                "cells": check.get("n_cells"), "genes": check.get("n_genes"), "input_check": check,
+                "cells": check.get("cells"), "genes": check.get("genes"), "input_check": check,
                 "metrics": read_json("report/embedding_summary.json"), "outputs": outputs}
 
     previous = plan()

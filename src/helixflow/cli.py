@@ -19,6 +19,7 @@ from helixflow.profiles import PROJECT_DIR
 SNAKEFILE = PROJECT_DIR / "workflow" / "Snakefile"
 DEFAULT_CONFIG = PROJECT_DIR / "config" / "config.yaml"
 # --until STEP: the last rule of each user-facing step.
+WORKFLOW_PROFILES = sorted(p.name for p in (PROJECT_DIR / "workflow" / "profiles").iterdir() if p.is_dir())
 UNTIL_RULES = {"stage": "stage_model", "validate": "validate_input", "split": "split",
                "tokenize": "tokenize", "embed": "gather"}
 
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gene-symbol-map", type=Path, help="two-column table mapping gene symbols to Ensembl ids")
     run.add_argument("--label-column", help="obs column to colour the embedding map by; default: cell_type")
     run.add_argument("--configfile", type=Path, default=DEFAULT_CONFIG, help="base config file; default: the built-in one")
+    run.add_argument("--workflow-profile", default="default", choices=WORKFLOW_PROFILES,
+                     help="where jobs run: default (this machine) or a SLURM profile of workflow/profiles (docs/hpc.md)")
     run.add_argument("--dry-run", action="store_true", help="show the jobs without running them")
     run.set_defaults(handler=cmd_run)
 
@@ -213,6 +216,7 @@ def cmd_run(args) -> int:
                  "gene_symbol_map": args.gene_symbol_map, "label_column": args.label_column}
     config = [f"{key}={value}" for key, value in overrides.items() if value is not None]
     command = ["snakemake", "--snakefile", str(SNAKEFILE), "--directory", os.getcwd(), "--configfile", str(args.configfile),
+               "--workflow-profile", str(PROJECT_DIR / "workflow" / "profiles" / args.workflow_profile),
                "--cores", str(args.cores), "--rerun-incomplete", "--show-failed-logs", "--config", *config]
     if args.until != "report":
         command += ["--until", UNTIL_RULES[args.until]]
