@@ -56,3 +56,10 @@ def test_run_hands_jobs_to_a_slurm_profile(dataset, tmp_path):
     assert "Using workflow specific profile" in result.stdout + result.stderr
     assert "profiles/slurm for setting" in result.stdout + result.stderr
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
+
+
+def test_until_stage_with_a_staged_model_does_nothing(dataset, models_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "helixflow.cli", "run", str(dataset), "--out", str(tmp_path / "o"),
+                             "--models-dir", str(models_dir), "--until", "stage"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and "already staged" in result.stderr
+    assert not (tmp_path / "o").exists()

@@ -210,7 +210,11 @@ def cmd_run(args) -> int:
 
     # Check what snakemake would otherwise report inside a traceback.
     layout = inspect_h5ad(args.input)
-    load_profile(args.model, args.profiles_dir)
+    profile = load_profile(args.model, args.profiles_dir)
+    if args.until == "stage" and _is_staged(profile, args.models_dir, args.configfile):
+        # The workflow has no stage_model job for a staged model: nothing to do.
+        print(f"helixflow: model of profile {args.model} is already staged", file=sys.stderr)
+        return 0
     overrides = {"input": args.input, "outdir": args.out, "model": args.model, "chunk_size": args.chunk_size,
                  "models_dir": args.models_dir, "profiles_dir": args.profiles_dir, "gene_id_column": args.gene_id_column,
                  "gene_symbol_map": args.gene_symbol_map, "label_column": args.label_column}
@@ -242,6 +246,20 @@ def cmd_run(args) -> int:
         print(f"helixflow: embeddings: {args.out / 'embeddings' / 'embeddings.h5ad'} (obsm['X_geneformer'])")
     print(f"helixflow: done in {time.monotonic() - started:.0f} s; trace: {args.out / 'pipeline_info'}")
     return 0
+
+
+def _is_staged(profile: dict, models_dir: Path | None, configfile: Path) -> bool:
+    import yaml
+
+    from helixflow.model_files import ModelFiles
+
+    if models_dir is None:
+        models_dir = Path(yaml.safe_load(configfile.read_text())["models_dir"])
+    try:
+        ModelFiles(Path(models_dir) / profile["name"], profile["model_name"]).check()
+    except HelixflowError:
+        return False
+    return True
 
 
 def cmd_info(args) -> int:
