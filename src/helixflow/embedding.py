@@ -154,7 +154,8 @@ def embed_chunk(
 def gather_embeddings(chunk_files: list[str | Path], out: str | Path, metadata: dict) -> Path:
     """Concatenate per-chunk embedding files into one .h5ad, streaming (anndata's concat_on_disk)."""
     with atomic_path(out) as partial:
-        concat_on_disk([str(path) for path in chunk_files], str(partial))
+        # Paths, not strings: anndata copies a single input file with Path methods.
+        concat_on_disk([Path(path) for path in chunk_files], Path(partial))
         with h5py.File(partial, "r+") as handle:
             if "uns" in handle:  # concat_on_disk may leave it without anndata's encoding attributes
                 del handle["uns"]
