@@ -22,6 +22,7 @@ from helixflow.profiles import check_train_settings
 ADAMW = {"lr": 5.0e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 GRADIENT_CLIPPING = 1.0
 WARMUP_FRACTION = 0.1
+WORLD_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def configure_process(device: torch.device) -> None:
@@ -36,7 +37,7 @@ def configure_process(device: torch.device) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(zip(WORLD_VARIABLES, ("0", "0", "1", "127.0.0.1", str(port))))
 
 
 def deepspeed_config(train: dict, precision: str, device_type: str, total_steps: int) -> dict:

@@ -191,7 +191,7 @@ def log_to_mlflow(metadata: dict, metrics: dict, out_dir: Path) -> None:
         key = "".join(character if character.isalnum() else "_" for character in label)
         scores[f"heldout_precision.{key}"] = values["precision"]
         scores[f"heldout_recall.{key}"] = values["recall"]
-    with tracked_run(metadata["mlflow_tracking_uri"], "", run_id=metadata["mlflow_run_id"]) as tracker:
+    with tracked_run(metadata["mlflow_tracking_uri"], run_id=metadata["mlflow_run_id"]) as tracker:
         tracker.log_metrics(scores)
         for name in OUTPUT_FILES:
             tracker.log_artifacts(out_dir / name, "evaluation")

@@ -43,8 +43,9 @@ class Tracker:
 
 
 @contextlib.contextmanager
-def tracked_run(uri: str | Path, experiment: str, run_name: str | None = None, run_id: str | None = None) -> Iterator[Tracker]:
-    """Open (or, given ``run_id``, reopen) an MLflow run; close it as finished or failed.
+def tracked_run(uri: str | Path, experiment: str | None = None, run_name: str | None = None,
+                run_id: str | None = None) -> Iterator[Tracker]:
+    """Open a run in ``experiment`` (or, given ``run_id``, reopen that run); close it as finished or failed.
 
     A local store is MLflow's file store, which MLflow 3 allows only when asked to
     (``MLFLOW_ALLOW_FILE_STORE``); usage telemetry is off unless the user turned it on.
@@ -58,5 +59,7 @@ def tracked_run(uri: str | Path, experiment: str, run_name: str | None = None, r
     mlflow.set_tracking_uri(uri)
     if run_id is None:
         mlflow.set_experiment(experiment)
+    else:  # the run's own experiment: MLflow refuses to reopen a run under another active one
+        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
         yield Tracker(mlflow, run.info.run_id)
