@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import PROJECT_DIR, sha256
+from helixflow.classifier import FineTunedModel
 from helixflow.demo_data import make_demo_dataset
 from helixflow.embedding import embed_tokens, load_encoder
 from helixflow.model_files import ModelFiles
@@ -24,6 +25,9 @@ from helixflow.tokenization import open_tokens, tokenize_chunk
 TEST_INPUT = PROJECT_DIR / ".test" / "resources" / "test.h5ad"
 OUT = PROJECT_DIR / ".test" / "results" / "test"
 SNAKEMAKE = ["snakemake", "--cores", "2", "--configfile", ".test/config/config.yaml"]
+# The resume tests below are about the chunked steps: they run up to the embeddings only, so
+# fine-tuning (tested in test_finetune.py) does not run again after each damage.
+EMBED_ONLY = ("--until", "gather")
 
 
 def snakemake(*extra: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -69,6 +73,22 @@ def test_outputs(finished_run):
     assert (trace["process"] == "embed").sum() == 3 and (trace["process"] == "tokenize").sum() == 3
     assert (trace.loc[trace["process"] == "tokenize", "cells"] == 200).all()
     assert trace["peak_rss_mb"].notna().all() and (trace["realtime_s"] > 0).all()
+    assert {"label_split", "finetune", "evaluate"} <= set(trace["process"])
+
+
+def test_finetune_outputs(finished_run):
+    metrics = json.loads((OUT / "evaluate" / "metrics.json").read_text())
+    assert metrics["validation_cells"] == 120 and metrics["chance_accuracy"] == pytest.approx(1 / 6)
+    assert metrics["fine_tuned"]["accuracy"] > 0.8 and metrics["fine_tuned"]["macro_f1"] > 0.8
+    assert metrics["linear_probe"]["accuracy"] > 0.8
+    for name in ("summary.tsv", "per_class.tsv", "predictions.tsv", "confusion_matrix.png", "training_curve.png"):
+        assert (OUT / "evaluate" / name).stat().st_size > 0
+    model = FineTunedModel.open(OUT / "finetune" / "model")
+    assert model.metadata["labels"] == metrics["classes"] and model.metadata["profile"] == "tiny"
+    assert not (OUT / "finetune" / "checkpoints").exists()
+    runs = list((OUT / "mlruns").glob(f"*/{model.metadata['mlflow_run_id']}"))
+    assert len(runs) == 1 and (runs[0] / "metrics" / "heldout_accuracy").is_file()
+    assert (runs[0] / "artifacts" / "model" / "model.safetensors").is_file()
 
 
 def test_chunked_embeddings_equal_one_pass(finished_run, tmp_path):
@@ -91,15 +111,15 @@ def test_failed_chunk_is_redone_alone(finished_run):
     before = ad.read_h5ad(OUT / "embeddings" / "embeddings.h5ad").obsm["X_geneformer"]
     shutil.rmtree(OUT / "embeddings")
     (OUT / "tokens" / "chunk-00001.arrow").write_bytes(b"not arrow")  # a damaged intermediate file
-    failed = snakemake(check=False)
+    failed = snakemake(*EMBED_ONLY, check=False)
     assert failed.returncode != 0
     assert "chunk-00001.arrow: not a readable tokenized chunk" in failed.stdout + failed.stderr
     assert not (OUT / "embeddings" / "chunks" / "chunk-00001.h5ad").exists()
 
     (OUT / "tokens" / "chunk-00001.arrow").unlink()  # the fix
-    jobs = planned_jobs()
+    jobs = planned_jobs(*EMBED_ONLY)
     assert jobs.get("tokenize") == 1 and jobs.get("embed") == 1 and "split" not in jobs
-    snakemake()
+    snakemake(*EMBED_ONLY)
     np.testing.assert_array_equal(ad.read_h5ad(OUT / "embeddings" / "embeddings.h5ad").obsm["X_geneformer"], before)
 
 
@@ -108,7 +128,7 @@ def test_killed_run_resumes_with_same_results(finished_run):
     shutil.rmtree(OUT / "embeddings")
     for tokens in (OUT / "tokens").glob("*.arrow"):
         tokens.unlink()
-    process = subprocess.Popen([*SNAKEMAKE, "--cores", "1"], cwd=PROJECT_DIR, start_new_session=True,
+    process = subprocess.Popen([*SNAKEMAKE, "--cores", "1", *EMBED_ONLY], cwd=PROJECT_DIR, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list((OUT / "logs" / "embed").glob("*.log")) and time.monotonic() < deadline:
@@ -117,5 +137,5 @@ def test_killed_run_resumes_with_same_results(finished_run):
     process.wait()
     assert not (OUT / "embeddings" / "embeddings.h5ad").exists()
     snakemake("--unlock")
-    snakemake()
+    snakemake(*EMBED_ONLY)
     np.testing.assert_array_equal(ad.read_h5ad(OUT / "embeddings" / "embeddings.h5ad").obsm["X_geneformer"], before)

@@ -21,7 +21,7 @@ DEFAULT_CONFIG = PROJECT_DIR / "config" / "config.yaml"
 # --until STEP: the last rule of each user-facing step.
 WORKFLOW_PROFILES = sorted(p.name for p in (PROJECT_DIR / "workflow" / "profiles").iterdir() if p.is_dir())
 UNTIL_RULES = {"stage": "stage_model", "validate": "validate_input", "split": "split",
-               "tokenize": "tokenize", "embed": "gather"}
+               "tokenize": "tokenize", "embed": "gather", "finetune": "finetune", "evaluate": "evaluate"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--profiles-dir", type=Path)
     listing.set_defaults(handler=cmd_profile_list)
 
+    annotate = commands.add_parser("annotate", help="predict cell types of a dataset with a fine-tuned model", description=(
+        "Tokenize and classify INPUT block by block with a model written by the finetune step; write OUT (.h5ad) with "
+        "INPUT's obs plus predicted_<label> and prediction_probability. INPUT is never modified."))
+    annotate.add_argument("input", type=Path, help="the .h5ad dataset (raw counts)")
+    annotate.add_argument("--model-dir", type=Path, required=True, help="a fine-tuned model folder (e.g. results/run/finetune/model)")
+    annotate.add_argument("--out", type=Path, required=True, help="output .h5ad")
+    _add_inference_args(annotate)
+    _add_gene_args(annotate)
+    annotate.set_defaults(handler=cmd_annotate)
+
     demo = commands.add_parser("demo-data", help="write a synthetic raw-count dataset", description=(
         "Write a realistic synthetic dataset: raw integer counts (CSR), several cell types with their own "
         "expression programs, Ensembl ids in var, cell type in obs."))
@@ -128,6 +138,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def _add_gene_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gene-id-column", default="ensembl_id")
     parser.add_argument("--gene-symbol-map", type=Path)
+
+
+def _add_inference_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda; default: auto")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--threads", type=int)
 
 
 def _add_step_parsers(commands) -> None:
@@ -180,6 +197,39 @@ def _add_step_parsers(commands) -> None:
     plot.add_argument("--label")
     plot.add_argument("--max-cells", type=int, default=20_000)
     plot.set_defaults(handler=cmd_step_plot)
+
+    label_split = steps.add_parser("label-split", help="split labelled cells into train and validation, stratified by label")
+    label_split.add_argument("out", type=Path)
+    label_split.add_argument("--chunks", type=Path, nargs="+", required=True, help="chunk .h5ad files (obs holds the labels)")
+    label_split.add_argument("--tokens", type=Path, nargs="+", required=True, help="their tokenized chunks, in the same order")
+    label_split.add_argument("--label", required=True, help="obs column to predict")
+    label_split.add_argument("--validation-fraction", type=float, default=0.2)
+    label_split.add_argument("--seed", type=int, default=0)
+    label_split.set_defaults(handler=cmd_step_label_split)
+
+    finetune = steps.add_parser("finetune", help="fine-tune a cell classifier with DeepSpeed (resumes from checkpoints)")
+    finetune.add_argument("split", type=Path, help="the label-split table")
+    finetune.add_argument("out_model", type=Path, help="model folder to write")
+    finetune.add_argument("out_log", type=Path, help="training log (TSV) to write")
+    finetune.add_argument("--tokens", type=Path, nargs="+", required=True)
+    finetune.add_argument("--checkpoints", type=Path, required=True, help="checkpoint folder (kept until the model is saved)")
+    _add_model_args(finetune)
+    finetune.add_argument("--label", default="cell_type", help="name of the predicted obs column, recorded with the model")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--mlflow-uri", default="mlruns", help="MLflow tracking URI, or a folder for a local store")
+    finetune.add_argument("--mlflow-experiment", default="helixflow")
+    finetune.add_argument("--threads", type=int)
+    finetune.set_defaults(handler=cmd_step_finetune)
+
+    evaluate = steps.add_parser("evaluate", help="score the fine-tuned model and a linear probe on held-out cells")
+    evaluate.add_argument("model_dir", type=Path)
+    evaluate.add_argument("split", type=Path, help="the label-split table")
+    evaluate.add_argument("out_dir", type=Path, help="folder for metrics.json, tables and plots")
+    evaluate.add_argument("--tokens", type=Path, nargs="+", required=True)
+    evaluate.add_argument("--embeddings", type=Path, required=True, help="frozen-model embeddings (the gather step's output)")
+    evaluate.add_argument("--training-log", type=Path, required=True)
+    _add_inference_args(evaluate)
+    evaluate.set_defaults(handler=cmd_step_evaluate)
 
     trace = steps.add_parser("trace", help="per-job execution trace from benchmark files")
     trace.add_argument("benchmarks", type=Path)
@@ -335,7 +385,7 @@ def cmd_profile_show(args) -> int:
     from helixflow.profiles import load_profile, step_resources
 
     profile = load_profile(args.name, args.profiles_dir)
-    steps = ("validate_input", "split", "tokenize", "embed", "gather", "finetune", "evaluate", "annotate")
+    steps = ("validate_input", "split", "tokenize", "embed", "gather", "label_split", "finetune", "evaluate", "annotate")
     shown = dict(profile, snakemake_resources={step: step_resources(profile, step, args.cells) for step in steps})
     print(yaml.safe_dump(shown, sort_keys=False), end="")
     return 0
@@ -401,6 +451,47 @@ def cmd_step_gather(args) -> int:
 
     gather_embeddings(args.chunks, args.out, {"model_profile": args.model, "chunks": len(args.chunks)})
     print(f"helixflow: gathered {len(args.chunks)} chunks -> {args.out}")
+    return 0
+
+
+def cmd_step_label_split(args) -> int:
+    from helixflow.label_split import write_label_split
+
+    table = write_label_split(args.chunks, args.tokens, args.out, args.label, args.validation_fraction, args.seed)
+    print(table.groupby(["label", "split"], dropna=False).size().unstack(fill_value=0).to_string())
+    return 0
+
+
+def cmd_step_finetune(args) -> int:
+    from helixflow.finetune import finetune
+
+    profile, files = _model_files(args)
+    summary = finetune(args.split, args.tokens, files, profile, args.out_model, args.out_log, args.checkpoints,
+                       args.seed, args.mlflow_uri, args.mlflow_experiment, args.label, args.threads)
+    print(f"helixflow: fine-tuned in {summary['seconds_this_session']} s: validation accuracy "
+          f"{summary['validation_accuracy']:.4f} -> {args.out_model} (MLflow run {summary['mlflow_run_id']})")
+    return 0
+
+
+def cmd_step_evaluate(args) -> int:
+    from helixflow.evaluate import evaluate
+
+    metrics = evaluate(args.model_dir, args.split, args.tokens, args.embeddings, args.training_log, args.out_dir,
+                       args.batch_size, args.device, args.precision, args.threads)
+    print(f"helixflow: held-out accuracy {metrics['fine_tuned']['accuracy']:.4f}, macro-F1 {metrics['fine_tuned']['macro_f1']:.4f} "
+          f"(linear probe {metrics['linear_probe']['accuracy']:.4f}, {metrics['linear_probe']['macro_f1']:.4f}; "
+          f"chance {metrics['chance_accuracy']:.4f}) -> {args.out_dir}")
+    return 0
+
+
+def cmd_annotate(args) -> int:
+    from helixflow.annotate import annotate
+
+    started = time.monotonic()
+    obs, predicted = annotate(args.input, args.model_dir, args.out, args.batch_size, args.device, args.precision,
+                              args.threads, args.gene_id_column, _symbol_map(args))
+    print(obs[predicted].value_counts(dropna=False).to_string())
+    print(f"helixflow: annotated {len(obs):,} cells in {time.monotonic() - started:.1f} s -> {args.out} (obs['{predicted}'])")
     return 0
 
 

@@ -19,7 +19,7 @@ from helixflow.model_files import model_facts
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 PROFILE_SCHEMA = PROJECT_DIR / "workflow" / "schemas" / "profile.schema.yaml"
 DEFAULT_PROFILES_DIR = PROJECT_DIR / "config" / "profiles"
-STEP_KIND = {"finetune": "finetune", "embed": "embed", "annotate": "embed"}  # other steps are "light"
+STEP_KIND = {"finetune": "finetune", "embed": "embed", "evaluate": "embed", "annotate": "embed"}  # other steps are "light"
 
 
 def _validator_with_defaults(schema: dict) -> jsonschema.protocols.Validator:
@@ -64,7 +64,31 @@ def load_profile(name: str, profiles_dir: str | Path | None = None) -> dict:
     if profile["name"] != name:
         raise HelixflowError(path, f"profile name '{profile['name']}' differs from its file name '{name}'")
     model_facts(profile["model_name"])
+    train = profile["train"]
+    check_train_settings(train, train["precision"] or profile["precision"], profile["device"], f"{path}: train")
     return profile
+
+
+def check_train_settings(train: dict, precision: str, device: str, where: str | Path = "train") -> None:
+    """Raise a clear error for fine-tuning settings that DeepSpeed cannot run together.
+
+    Parameters
+    ----------
+    train
+        A profile's ``train`` section.
+    precision
+        The training precision.
+    device
+        ``cpu``, ``cuda`` or ``auto`` (not known yet: fp16 is then checked at run time).
+    where
+        Named in the error (the profile file).
+    """
+    if train["offload_params"] != "none" and train["zero_stage"] != 3:
+        raise HelixflowError(where, f"offload_params: {train['offload_params']} needs zero_stage: 3 (it is {train['zero_stage']})")
+    if train["offload_optimizer"] != "none" and train["zero_stage"] == 0:
+        raise HelixflowError(where, "offload_optimizer needs zero_stage 1, 2 or 3 (it is 0)")
+    if precision == "fp16" and device == "cpu":
+        raise HelixflowError(where, "fp16 training needs a GPU; use bf16 or fp32 on CPU")
 
 
 def list_profiles(profiles_dir: str | Path | None = None) -> list[str]:

@@ -1,6 +1,7 @@
 # Run-wide values computed once at parse time: the model profile, the chunks, the paths.
 import json
 import os
+from pathlib import Path
 
 from helixflow.h5ad import chunk_bounds, inspect_h5ad
 from helixflow.model_files import ModelFiles, model_facts
@@ -22,6 +23,16 @@ CHUNK_BOUNDS = {
     for index, bounds in enumerate(chunk_bounds(LAYOUT.n_cells, config["chunk_size"]))
 }
 CHUNKS = list(CHUNK_BOUNDS)
+FINETUNE = bool(config["finetune"]["enabled"] and config["label_column"])
+ANNOTATE_INPUT = config["annotate"]["input"]
+if ANNOTATE_INPUT and not FINETUNE:
+    raise ValueError(
+        "annotate.input needs a fine-tuned model: set finetune.enabled and label_column"
+    )
+# What fine-tuning adds to the run's targets (the report's trace waits for them too).
+FINETUNE_TARGETS = ([f"{OUTDIR}/evaluate/metrics.json"] if FINETUNE else []) + (
+    [f"{OUTDIR}/annotate/{Path(ANNOTATE_INPUT).stem}.h5ad"] if ANNOTATE_INPUT else []
+)
 MODEL_ARGS = f"--models-dir {config['models_dir']} --profile {PROFILE['name']}" + (
     f" --profiles-dir {config['profiles_dir']}" if config["profiles_dir"] else ""
 )

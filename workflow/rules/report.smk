@@ -31,6 +31,7 @@ rule pipeline_info:
     input:
         f"{OUTDIR}/embeddings/embeddings.h5ad",
         f"{OUTDIR}/report/embedding_map.png",
+        FINETUNE_TARGETS,
     output:
         trace=f"{OUTDIR}/pipeline_info/execution_trace.tsv",
         plot=report(

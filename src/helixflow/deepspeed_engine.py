@@ -1,0 +1,112 @@
+"""DeepSpeed in one process, on CPU or GPU, configured from a model profile's ``train`` section.
+
+The profile chooses the ZeRO stage (0-3), where optimizer state and parameters live
+(``offload_optimizer``/``offload_params``: ``cpu`` keeps them in host memory), the
+micro-batch size and gradient accumulation. The profile's precision picks mixed precision:
+bf16 (no loss scaling needed), fp16 (DeepSpeed's dynamic loss scaling; GPU only) or fp32.
+DeepSpeed's engine then does what a training loop would otherwise get wrong: it scales
+losses, accumulates gradients over micro-batches, clips them and steps optimizer and
+learning-rate schedule only at accumulation boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import torch
+
+from helixflow.profiles import check_train_settings
+
+ADAMW = {"lr": 5.0e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+GRADIENT_CLIPPING = 1.0
+WARMUP_FRACTION = 0.1
+WORLD_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def configure_process(device: torch.device) -> None:
+    """Set what DeepSpeed reads at import and initialisation.
+
+    The accelerator follows ``device`` (``DS_ACCELERATOR=cpu`` on CPU). Unless a launcher
+    (``deepspeed``, ``torchrun``, SLURM) already set ``RANK``, the process is a one-rank
+    world on a free local port, so DeepSpeed does not look for MPI.
+    """
+    os.environ["DS_ACCELERATOR"] = "cpu" if device.type == "cpu" else "cuda"
+    if "RANK" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(zip(WORLD_VARIABLES, ("0", "0", "1", "127.0.0.1", str(port))))
+
+
+def deepspeed_config(train: dict, precision: str, device_type: str, total_steps: int) -> dict:
+    """The DeepSpeed configuration for a profile's ``train`` section.
+
+    Parameters
+    ----------
+    train
+        The profile's ``train`` section (batch_size, gradient_accumulation, zero_stage,
+        offload_optimizer, offload_params, learning_rate).
+    precision
+        ``fp32``, ``bf16`` or ``fp16``.
+    device_type
+        ``cpu`` or ``cuda``.
+    total_steps
+        Optimizer steps of the whole run (for the learning-rate schedule).
+    """
+    check_train_settings(train, precision, device_type)
+    pin_memory = device_type == "cuda"
+    zero = {"stage": train["zero_stage"]}
+    if train["offload_optimizer"] != "none":
+        zero["offload_optimizer"] = {"device": train["offload_optimizer"], "pin_memory": pin_memory}
+    if train["offload_params"] != "none":
+        zero["offload_param"] = {"device": train["offload_params"], "pin_memory": pin_memory}
+    total_steps = max(1, total_steps)
+    config = {
+        "train_micro_batch_size_per_gpu": train["batch_size"],
+        "gradient_accumulation_steps": train["gradient_accumulation"],
+        "gradient_clipping": GRADIENT_CLIPPING,
+        "zero_optimization": zero,
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": train["learning_rate"],
+                "warmup_num_steps": max(1, round(WARMUP_FRACTION * total_steps)),
+                "total_num_steps": total_steps,
+                "warmup_type": "linear",
+            },
+        },
+        "steps_per_print": 2**31 - 1,
+    }
+    if train["offload_optimizer"] != "none":
+        # Offloaded optimizer state is stepped by DeepSpeed's CPU Adam (AdamW mode).
+        config["optimizer"] = {"type": "AdamW", "params": {**ADAMW, "lr": train["learning_rate"], "betas": list(ADAMW["betas"])}}
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                          "hysteresis": 2, "min_loss_scale": 1}
+    return config
+
+
+def initialize(model: torch.nn.Module, train: dict, precision: str, device: torch.device, total_steps: int):
+    """Wrap ``model`` in a DeepSpeed engine that trains its parameters that require gradients."""
+    configure_process(device)
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    config = deepspeed_config(train, precision, device.type, total_steps)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = None if "optimizer" in config else torch.optim.AdamW(trainable, **{**ADAMW, "lr": train["learning_rate"]})
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=optimizer, config=config)
+    return engine
+
+
+def gathered_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Full weights of the engine's model as fp32 CPU tensors, gathered first under ZeRO-3."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        return {name: tensor.detach().float().cpu().clone() for name, tensor in engine.module.state_dict().items()}

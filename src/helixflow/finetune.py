@@ -1,0 +1,287 @@
+"""The ``finetune`` step: train a Geneformer cell classifier with DeepSpeed, resumably.
+
+Cells come from the tokenized chunks (memory-mapped, one batch read at a time) and their
+labels and train/validation assignment from the ``label_split`` table. The model profile's
+``train`` section sets batch size, gradient accumulation, frozen layers, learning rate,
+epochs, ZeRO stage and offload, and how often to checkpoint.
+
+Every ``checkpoint_every`` optimizer steps a DeepSpeed checkpoint is saved with everything
+a resumed run needs to continue exactly where this one was: model, optimizer and schedule
+state, the position in the epoch (batch order is a function of seed and epoch), the random
+number generator state (dropout), the loss history and the MLflow run. A killed run started
+again with the same inputs resumes from its last checkpoint; checkpoints of a run with other
+inputs or settings are discarded. Checkpoints are removed once the model is saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from helixflow import deepspeed_engine
+from helixflow.classifier import build_classifier, predict_proba, save_classifier
+from helixflow.embedding import resolve_device
+from helixflow.errors import HelixflowError
+from helixflow.label_split import TRAIN, VALIDATION, class_names, read_label_split
+from helixflow.model_files import ModelFiles
+from helixflow.outputs import atomic_path
+from helixflow.profiles import check_train_settings
+from helixflow.token_batches import LabelledCells, TokenStore, pad_batch, training_batches
+from helixflow.tracking import resolve_tracking_uri, tracked_run
+
+RUN_FILE = "run.json"  # in the checkpoint folder: the fingerprint of the run its checkpoints belong to
+LOG_COLUMNS = ["step", "epoch", "train_loss", "learning_rate", "validation_loss", "validation_accuracy"]
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How many micro-batches and optimizer steps a run makes.
+
+    Micro-batches left over at the very end, too few for a full gradient-accumulation
+    group, are not trained on.
+    """
+
+    batches_per_epoch: int
+    accumulation: int
+    total_steps: int
+
+    @classmethod
+    def make(cls, n_cells: int, train: dict) -> TrainingPlan:
+        batches_per_epoch = math.ceil(n_cells / train["batch_size"])
+        return cls(batches_per_epoch, train["gradient_accumulation"],
+                   train["epochs"] * batches_per_epoch // train["gradient_accumulation"])
+
+    @property
+    def total_micro_batches(self) -> int:
+        return self.total_steps * self.accumulation
+
+
+def finetune(
+    split_path: str | Path,
+    tokens_paths: list[str | Path],
+    files: ModelFiles,
+    profile: dict,
+    out_model: str | Path,
+    out_log: str | Path,
+    checkpoints: str | Path,
+    seed: int = 0,
+    tracking_uri: str | Path = "mlruns",
+    experiment: str = "helixflow",
+    label_column: str = "cell_type",
+    threads: int | None = None,
+) -> dict:
+    """Fine-tune a classifier; save it and its training log; return a summary.
+
+    Parameters
+    ----------
+    split_path
+        The ``label_split`` table.
+    tokens_paths
+        Tokenized chunks; each file's stem is a chunk name of the table.
+    files
+        The staged base model.
+    profile
+        The model profile (``name``, ``device``, ``precision``, ``train``); ``train.precision``,
+        when set, overrides the profile's precision for training.
+    out_model
+        Model folder to write (see :func:`helixflow.classifier.save_classifier`).
+    out_log
+        Training log (TSV): loss and learning rate per optimizer step, validation loss and
+        accuracy after each epoch.
+    checkpoints
+        Folder for checkpoints while training.
+    seed
+        Seed of the head's initial weights, batch order and dropout.
+    tracking_uri, experiment
+        MLflow store (a path means a local file store) and experiment name.
+    label_column
+        Name of what is predicted, recorded with the model.
+    threads
+        CPU threads for torch.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    train = profile["train"]
+    precision = train["precision"] or profile["precision"]
+    device = resolve_device(profile["device"])
+    check_train_settings(train, precision, device.type, f"profile {profile['name']}: train")
+    split = read_label_split(split_path)
+    labels = class_names(split)
+    store = TokenStore(tokens_paths)
+    cells = {part: LabelledCells(split[split["split"] == part], labels, store) for part in (TRAIN, VALIDATION)}
+    plan = TrainingPlan.make(len(cells[TRAIN]), train)
+    if plan.total_steps == 0:
+        raise HelixflowError(split_path, f"{len(cells[TRAIN])} training cells make no optimizer step of "
+                                         f"batch_size {train['batch_size']} x gradient_accumulation {train['gradient_accumulation']}")
+    resuming = prepare_checkpoints(checkpoints, run_fingerprint(split_path, tokens_paths, files, profile, seed))
+
+    model = build_classifier(files, labels, train["frozen_layers"], seed)
+    config = model.config
+    engine = deepspeed_engine.initialize(model, train, precision, device, plan.total_steps)
+    state = {"micro_batch": 0, "pending_losses": [], "history": [], "mlflow_run_id": None}
+    if resuming:
+        state = load_checkpoint(engine, checkpoints)
+        print(f"helixflow: resumed at optimizer step {engine.global_steps} from {checkpoints}", flush=True)
+    progress = Progress(plan.total_steps, engine.global_steps)
+    run_name = f"{profile['name']}-{Path(out_model).resolve().parent.parent.name}"
+    with tracked_run(tracking_uri, experiment, run_name, state["mlflow_run_id"]) as tracker:
+        if state["mlflow_run_id"] is None:
+            state["mlflow_run_id"] = tracker.run_id
+            tracker.log_params({"profile": profile["name"], "base_model": files.model_name, "precision": precision,
+                                "device": device.type, "seed": seed, "classes": len(labels), "train_cells": len(cells[TRAIN]),
+                                "validation_cells": len(cells[VALIDATION]), "optimizer_steps": plan.total_steps,
+                                **{f"train.{key}": value for key, value in train.items()}})
+        while state["micro_batch"] < plan.total_micro_batches:
+            train_to_epoch_end(engine, cells[TRAIN], plan, seed, state, tracker, checkpoints, train["checkpoint_every"], progress)
+            if state["micro_batch"] % plan.batches_per_epoch == 0 or state["micro_batch"] >= plan.total_micro_batches:
+                record = validate(engine, cells[VALIDATION], len(labels), train["batch_size"], state["micro_batch"] / plan.batches_per_epoch)
+                state["history"].append(record)
+                tracker.log_metrics({key: record[key] for key in ("validation_loss", "validation_accuracy")}, record["step"])
+                print(f"helixflow: epoch {record['epoch']:.2f}: validation loss {record['validation_loss']:.4f}, "
+                      f"accuracy {record['validation_accuracy']:.4f}", flush=True)
+
+        log = write_training_log(state["history"], out_log)
+        metadata = {"profile": profile["name"], "label_column": label_column, "labels": labels, "seed": seed,
+                    "train_cells": len(cells[TRAIN]), "validation_cells": len(cells[VALIDATION]),
+                    "optimizer_steps": plan.total_steps, "precision": precision, "train": train,
+                    "validation_accuracy": float(log["validation_accuracy"].dropna().iloc[-1]),
+                    "mlflow_tracking_uri": resolve_tracking_uri(tracking_uri), "mlflow_run_id": tracker.run_id}
+        save_classifier(deepspeed_engine.gathered_state_dict(engine), config, files, out_model, metadata)
+        tracker.log_artifacts(out_model, "model")
+        tracker.log_artifacts(out_log)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return {**metadata, "seconds_this_session": progress.elapsed}
+
+
+def train_to_epoch_end(engine, cells: LabelledCells, plan: TrainingPlan, seed: int, state: dict, tracker,
+                       checkpoints: str | Path, checkpoint_every: int, progress: Progress) -> None:
+    """Train from the position in ``state`` to the end of its epoch (or of the run).
+
+    ``state`` is updated as training goes: the next micro-batch, losses of the open
+    accumulation group, and one history record per optimizer step.
+    """
+    epoch, first = divmod(state["micro_batch"], plan.batches_per_epoch)
+    batches = training_batches(cells.lengths, engine.train_micro_batch_size_per_gpu(), seed, epoch)
+    engine.train()
+    for batch in batches[first:]:
+        if state["micro_batch"] >= plan.total_micro_batches:
+            return
+        ids, attention = pad_batch(cells.fetch(batch))
+        logits = engine(input_ids=ids.to(engine.device), attention_mask=attention.to(engine.device)).logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), torch.from_numpy(cells.targets[batch]).to(engine.device))
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.backward(loss)
+        engine.step()
+        state["micro_batch"] += 1
+        state["pending_losses"].append(loss.item())
+        if not boundary:
+            continue
+        record = {"step": engine.global_steps, "epoch": round(state["micro_batch"] / plan.batches_per_epoch, 4),
+                  "train_loss": float(np.mean(state["pending_losses"])), "learning_rate": engine.get_lr()[0]}
+        state["pending_losses"] = []
+        state["history"].append(record)
+        tracker.log_metrics({"train_loss": record["train_loss"], "learning_rate": record["learning_rate"]}, record["step"])
+        progress.report(record)
+        if engine.global_steps % checkpoint_every == 0 and engine.global_steps < plan.total_steps:
+            save_checkpoint(engine, checkpoints, state)
+
+
+def validate(engine, cells: LabelledCells, n_classes: int, batch_size: int, epoch: float) -> dict:
+    """Validation loss and accuracy of the model being trained (no random state is used)."""
+    engine.eval()
+    probabilities = predict_proba(engine, cells.fetch, cells.lengths, n_classes, batch_size, engine.device)
+    chosen = probabilities[np.arange(len(cells)), cells.targets]
+    return {"step": engine.global_steps, "epoch": round(epoch, 4),
+            "validation_loss": float(-np.log(np.clip(chosen, 1e-12, None)).mean()),
+            "validation_accuracy": float((probabilities.argmax(axis=1) == cells.targets).mean())}
+
+
+def run_fingerprint(split_path, tokens_paths, files: ModelFiles, profile: dict, seed: int) -> str:
+    """What a checkpoint must have been trained on to be resumed: split, tokens, model, settings."""
+    facts = {
+        "split": hashlib.sha256(Path(split_path).read_bytes()).hexdigest(),
+        "tokens": sorted((Path(path).stem, Path(path).stat().st_size) for path in tokens_paths),
+        "model": files.model_name,
+        "model_config": hashlib.sha256((files.model_dir / "config.json").read_bytes()).hexdigest(),
+        "precision": profile["precision"],
+        "train": profile["train"],
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def prepare_checkpoints(checkpoints: str | Path, fingerprint: str) -> bool:
+    """Return whether ``checkpoints`` holds a checkpoint of this run; otherwise start it afresh."""
+    checkpoints = Path(checkpoints)
+    run_file = checkpoints / RUN_FILE
+    if run_file.is_file() and (checkpoints / "latest").is_file():
+        if json.loads(run_file.read_text()).get("fingerprint") == fingerprint:
+            return True
+        print(f"helixflow: discarding checkpoints of a run with other inputs or settings in {checkpoints}", flush=True)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    checkpoints.mkdir(parents=True)
+    run_file.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    return False
+
+
+def save_checkpoint(engine, checkpoints: str | Path, state: dict) -> None:
+    """Save a DeepSpeed checkpoint with the loop's state and random state; keep only the newest."""
+    checkpoints = Path(checkpoints)
+    tag = f"step-{engine.global_steps:08d}"
+    client_state = {"helixflow": {**state, "torch_rng": torch.get_rng_state(),
+                                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    engine.save_checkpoint(str(checkpoints), tag=tag, client_state=client_state)  # writes 'latest' last
+    for older in checkpoints.glob("step-*"):
+        if older.name != tag:
+            shutil.rmtree(older, ignore_errors=True)
+    print(f"helixflow: checkpoint {tag}", flush=True)
+
+
+def load_checkpoint(engine, checkpoints: str | Path) -> dict:
+    """Restore the newest checkpoint into ``engine``; return the loop's state."""
+    path, client_state = engine.load_checkpoint(str(checkpoints))
+    if path is None:
+        raise HelixflowError(checkpoints, "the checkpoint could not be loaded; delete the folder to start afresh")
+    saved = client_state["helixflow"]
+    torch.set_rng_state(saved.pop("torch_rng"))
+    cuda_rng = saved.pop("cuda_rng")
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_rng)
+    return saved
+
+
+class Progress:
+    """Prints a progress line about twenty times per run, with the time per step of this session."""
+
+    def __init__(self, total_steps: int, first_step: int) -> None:
+        self.total_steps = total_steps
+        self.first_step = first_step
+        self.started = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return round(time.monotonic() - self.started, 1)
+
+    def report(self, record: dict) -> None:
+        step = record["step"]
+        if step == 1 or step == self.total_steps or step % max(1, self.total_steps // 20) == 0:
+            per_step = self.elapsed / max(1, step - self.first_step)
+            print(f"helixflow: step {step}/{self.total_steps} epoch {record['epoch']:.2f} loss {record['train_loss']:.4f} "
+                  f"lr {record['learning_rate']:.2e} ({per_step:.2f} s/step)", flush=True)
+
+
+def write_training_log(history: list[dict], out: str | Path) -> pd.DataFrame:
+    """Write the training history as a TSV, one row per optimizer step or validation."""
+    log = pd.DataFrame(history).reindex(columns=LOG_COLUMNS)
+    with atomic_path(out) as partial:
+        log.to_csv(partial, sep="\t", index=False)
+    return log

@@ -1,0 +1,259 @@
+"""Fine-tuning: split, DeepSpeed ZeRO training on CPU, exact resume, reload, evaluate, annotate, MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from helixflow import cli, deepspeed_engine
+from helixflow.classifier import FineTunedModel, build_classifier, predict_proba, save_classifier
+from helixflow.demo_data import make_demo_dataset
+from helixflow.embedding import embed_chunk, gather_embeddings
+from helixflow.errors import HelixflowError
+from helixflow.evaluate import OUTPUT_FILES, classification_metrics, evaluate
+from helixflow.finetune import finetune
+from helixflow.h5ad import chunk_bounds
+from helixflow.label_split import VALIDATION, read_label_split, write_label_split
+from helixflow.profiles import load_profile
+from helixflow.split import split_chunk
+from helixflow.token_batches import LabelledCells, TokenStore, pad_batch
+from helixflow.tokenization import tokenize_chunk
+
+N_CELLS = 240  # shallow cells (about 200 genes each) keep training steps fast
+
+
+@pytest.fixture(scope="module")
+def labelled(tiny_v1, tmp_path_factory):
+    """A dataset in two chunks, tokenized, with a label split (a fifth of each cell type for validation)."""
+    root = tmp_path_factory.mktemp("finetune")
+    data = make_demo_dataset(root / "cells.h5ad", N_CELLS, mean_counts=500, seed=4)
+    chunks, tokens = [], []
+    for index, (start, stop) in enumerate(chunk_bounds(N_CELLS, N_CELLS // 2)):
+        chunks.append(split_chunk(data, root / f"chunk-{index:05d}.h5ad", start, stop))
+        tokens.append(root / f"chunk-{index:05d}.arrow")
+        tokenize_chunk(chunks[-1], tiny_v1, tokens[-1])
+    write_label_split(chunks, tokens, root / "split.tsv", "cell_type", 0.2, seed=0)
+    counts = read_label_split(root / "split.tsv")["split"].value_counts()
+    return SimpleNamespace(root=root, data=data, chunks=chunks, tokens=tokens, split=root / "split.tsv",
+                           n_train=counts["train"], n_validation=counts["validation"])
+
+
+def user_profile(folder: Path, name: str, **train) -> dict:
+    """Write a profile for the tiny model with these train settings into ``folder``; load it."""
+    settings = {"batch_size": 8, "learning_rate": 3.0e-3, "epochs": 1, "checkpoint_every": 5, **train}
+    profile = {"name": name, "model_name": "gf-6L-10M-i2048", "device": "cpu", "precision": "fp32", "train": settings}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(profile))
+    return load_profile(name, folder)
+
+
+@pytest.fixture(scope="module")
+def zero2_model(labelled, tiny_v1):
+    """A classifier fine-tuned with ZeRO-2, optimizer state offloaded to CPU, bf16 (the tiny profile's way)."""
+    profile = user_profile(labelled.root / "profiles", "zero2", zero_stage=2, offload_optimizer="cpu", precision="bf16", epochs=2)
+    out = labelled.root / "zero2"
+    summary = finetune(labelled.split, labelled.tokens, tiny_v1, profile, out / "model", out / "training_log.tsv",
+                       out / "checkpoints", seed=0, tracking_uri=out / "mlruns")
+    return SimpleNamespace(dir=out, model=out / "model", log=out / "training_log.tsv", summary=summary)
+
+
+def test_label_split_is_stratified_and_reproducible(labelled, tmp_path):
+    table = read_label_split(labelled.split)
+    assert len(table) == N_CELLS and set(table["split"]) == {"train", "validation"}
+    for _, cells in table.groupby("label"):
+        assert (cells["split"] == VALIDATION).sum() == max(1, round(0.2 * len(cells)))
+    again = write_label_split(labelled.chunks, labelled.tokens, tmp_path / "again.tsv", "cell_type", 0.2, seed=0)
+    assert (tmp_path / "again.tsv").read_bytes() == labelled.split.read_bytes()
+    other = write_label_split(labelled.chunks, labelled.tokens, tmp_path / "other.tsv", "cell_type", 0.2, seed=1)
+    assert not np.array_equal(other["split"], again["split"])
+
+
+def test_label_split_names_a_missing_label_column(labelled, tmp_path):
+    with pytest.raises(HelixflowError, match="no obs column 'celltype'.*cell_type"):
+        write_label_split(labelled.chunks, labelled.tokens, tmp_path / "split.tsv", "celltype", 0.2, seed=0)
+
+
+def test_zero2_with_cpu_optimizer_offload_trains(labelled, zero2_model):
+    log = pd.read_csv(zero2_model.log, sep="\t")
+    losses = log["train_loss"].dropna().to_numpy()
+    assert len(losses) == 2 * math.ceil(labelled.n_train / 8)  # one row per optimizer step, two epochs
+    assert losses[-5:].mean() < 0.5 * losses[:5].mean()
+    assert log["validation_accuracy"].dropna().iloc[-1] > 0.5  # 6 classes: chance is 0.17
+    assert not (zero2_model.dir / "checkpoints").exists()  # removed once the model is saved
+    saved = FineTunedModel.open(zero2_model.model)
+    assert saved.metadata["train"]["zero_stage"] == 2 and saved.metadata["precision"] == "bf16"
+
+
+def test_zero3_with_parameter_offload_trains(labelled, tiny_v1):
+    profile = user_profile(labelled.root / "profiles", "zero3", zero_stage=3, offload_params="cpu", offload_optimizer="cpu")
+    out = labelled.root / "zero3"
+    finetune(labelled.split, labelled.tokens, tiny_v1, profile, out / "model", out / "log.tsv", out / "checkpoints",
+             tracking_uri=out / "mlruns")
+    log = pd.read_csv(out / "log.tsv", sep="\t")
+    losses = log["train_loss"].dropna().to_numpy()
+    assert losses[-5:].mean() < losses[:5].mean()
+    assert log["validation_accuracy"].dropna().iloc[-1] > 0.34  # twice chance after one short epoch
+    weights = load_file(out / "model" / "model.safetensors")
+    assert weights["bert.embeddings.word_embeddings.weight"].shape == (2002, 128)  # gathered, not a ZeRO-3 shard
+
+
+def test_mlflow_run_holds_params_metrics_and_model(labelled, zero2_model):
+    import mlflow
+
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    client = mlflow.MlflowClient(tracking_uri=(zero2_model.dir / "mlruns").resolve().as_uri())
+    run = client.get_run(zero2_model.summary["mlflow_run_id"])
+    assert run.data.params["train.zero_stage"] == "2" and run.data.params["precision"] == "bf16"
+    assert {"train_loss", "learning_rate", "validation_accuracy"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2 * math.ceil(labelled.n_train / 8)
+    artifacts = {item.path for item in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/config.json", "model/model.safetensors", "model/helixflow.json"} <= artifacts
+
+
+def test_reloaded_model_predicts_what_the_trained_engine_did(labelled, tiny_v1, tmp_path):
+    """ZeRO-3 partitions the weights: saving must gather them, and reloading must give the same predictions."""
+    split = read_label_split(labelled.split)
+    labels = sorted(split["label"].unique())
+    cells = LabelledCells(split[split["split"] == "train"], labels, TokenStore(labelled.tokens))
+    train = user_profile(tmp_path, "reload", zero_stage=3, offload_params="cpu", offload_optimizer="cpu")["train"]
+    model = build_classifier(tiny_v1, labels, frozen_layers=1, seed=0)
+    config = model.config
+    engine = deepspeed_engine.initialize(model, train, "fp32", torch.device("cpu"), total_steps=4)
+    for step in range(4):
+        batch = np.arange(step * 8, step * 8 + 8)
+        ids, attention = pad_batch(cells.fetch(batch))
+        loss = torch.nn.functional.cross_entropy(engine(input_ids=ids, attention_mask=attention).logits,
+                                                 torch.from_numpy(cells.targets[batch]))
+        engine.backward(loss)
+        engine.step()
+    engine.eval()
+    trained = predict_proba(engine, cells.fetch, cells.lengths, len(labels), 16, torch.device("cpu"))
+    save_classifier(deepspeed_engine.gathered_state_dict(engine), config, tiny_v1, tmp_path / "model", {"label_column": "cell_type"})
+
+    reloaded = FineTunedModel.open(tmp_path / "model").load_model(torch.device("cpu"))
+    assert reloaded.config.id2label == dict(enumerate(labels))
+    again = predict_proba(reloaded, cells.fetch, cells.lengths, len(labels), 16, torch.device("cpu"))
+    np.testing.assert_array_equal(again.argmax(axis=1), trained.argmax(axis=1))
+    np.testing.assert_allclose(again, trained, atol=1e-5)
+
+
+def test_killed_run_resumes_to_the_same_weights(labelled, models_dir, tmp_path):
+    """Kill the real step (SIGKILL) once a checkpoint exists; rerun it; compare with an uninterrupted run."""
+    user_profile(tmp_path / "profiles", "resume", zero_stage=2, offload_optimizer="cpu", precision="bf16",
+                 gradient_accumulation=2, epochs=2, checkpoint_every=3)
+    (models_dir / "resume").symlink_to(models_dir / "tiny")
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "helixflow.cli", "step", "finetune", str(labelled.split), str(out / "model"),
+                str(out / "log.tsv"), "--tokens", *map(str, labelled.tokens), "--checkpoints", str(out / "checkpoints"),
+                "--models-dir", str(models_dir), "--profile", "resume", "--profiles-dir", str(tmp_path / "profiles"),
+                "--mlflow-uri", str(tmp_path / "mlruns"), "--seed", "5"]
+
+    # A fresh one-process world each: this test process may already hold a DeepSpeed one.
+    env = {key: value for key, value in os.environ.items() if key not in deepspeed_engine.WORLD_VARIABLES}
+    subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True, env=env)
+
+    killed = subprocess.Popen(command(tmp_path / "resumed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "resumed" / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
+        assert killed.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "resumed" / "model").exists()
+    resumed = subprocess.run(command(tmp_path / "resumed"), check=True, capture_output=True, text=True, env=env)
+    assert "resumed at optimizer step" in resumed.stdout
+
+    whole, again = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("whole", "resumed"))
+    assert whole.keys() == again.keys()
+    for name in whole:
+        assert torch.equal(whole[name], again[name]), name  # bit-exact
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole" / "log.tsv", sep="\t"),
+                                  pd.read_csv(tmp_path / "resumed" / "log.tsv", sep="\t"))
+
+
+def test_evaluate_scores_model_and_linear_probe(labelled, zero2_model, tiny_v1, tmp_path):
+    embedded = []
+    for chunk, tokens in zip(labelled.chunks, labelled.tokens):
+        embedded.append(tmp_path / f"{chunk.stem}.h5ad")
+        embed_chunk(tokens, chunk, tiny_v1, embedded[-1], batch_size=32, device="cpu")
+    gather_embeddings(embedded, tmp_path / "embeddings.h5ad", {})
+    metrics = evaluate(zero2_model.model, labelled.split, labelled.tokens, tmp_path / "embeddings.h5ad",
+                       zero2_model.log, tmp_path / "evaluate", device="cpu")
+    assert all((tmp_path / "evaluate" / name).is_file() for name in OUTPUT_FILES)
+    assert json.loads((tmp_path / "evaluate" / "metrics.json").read_text()) == metrics
+    assert metrics["validation_cells"] == labelled.n_validation and metrics["chance_accuracy"] == pytest.approx(1 / 6)
+    for scores in (metrics["fine_tuned"], metrics["linear_probe"]):
+        assert scores["accuracy"] > 0.5 and 0 < scores["macro_f1"] <= 1
+        assert set(scores["per_class"]) == set(metrics["classes"])
+    # The same validation cells as in training: the same accuracy as the training log's last.
+    assert metrics["fine_tuned"]["accuracy"] == pytest.approx(zero2_model.summary["validation_accuracy"], abs=0.03)
+
+
+def test_annotate_predicts_every_cell(labelled, zero2_model, tmp_path):
+    out = tmp_path / "annotated.h5ad"
+    assert cli.main(["annotate", str(labelled.data), "--model-dir", str(zero2_model.model), "--out", str(out)]) == 0
+    annotated = ad.read_h5ad(out)
+    original = ad.read_h5ad(labelled.data)
+    pd.testing.assert_frame_equal(annotated.obs[original.obs.columns], original.obs)
+    predicted = annotated.obs["predicted_cell_type"]
+    assert predicted.notna().all() and set(predicted.cat.categories) == set(original.obs["cell_type"].cat.categories)
+    assert ((annotated.obs["prediction_probability"] > 0) & (annotated.obs["prediction_probability"] <= 1)).all()
+    assert (predicted.astype(str) == original.obs["cell_type"].astype(str)).mean() > 0.5
+
+
+def test_classification_metrics_on_a_known_case():
+    metrics = classification_metrics(np.array(["a", "a", "b", "b"]), np.array(["a", "b", "b", "b"]), ["a", "b", "c"])
+    assert metrics["accuracy"] == 0.75
+    assert metrics["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert metrics["per_class"]["b"]["precision"] == pytest.approx(2 / 3) and metrics["per_class"]["c"]["support"] == 0
+    assert metrics["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 0) / 3)
+
+
+@pytest.mark.parametrize(("train", "precision", "device", "expected"), [
+    ({"zero_stage": 2, "offload_optimizer": "cpu"}, "bf16", "cpu",
+     {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False}}, "bf16": {"enabled": True}}),
+    ({"zero_stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"}, "fp32", "cpu",
+     {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False},
+                            "offload_param": {"device": "cpu", "pin_memory": False}}}),
+    ({"zero_stage": 1}, "fp16", "cuda", {"zero_optimization": {"stage": 1}}),
+])
+def test_deepspeed_config_follows_the_profile(train, precision, device, expected):
+    settings = {"batch_size": 4, "gradient_accumulation": 8, "learning_rate": 1e-4, "offload_optimizer": "none",
+                "offload_params": "none", **train}
+    config = deepspeed_engine.deepspeed_config(settings, precision, device, total_steps=100)
+    assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 8
+    assert config["scheduler"]["params"]["total_num_steps"] == 100 and config["scheduler"]["params"]["warmup_max_lr"] == 1e-4
+    for key, value in expected.items():
+        assert config[key] == value
+    assert ("optimizer" in config) == (settings["offload_optimizer"] == "cpu")  # offloaded state: DeepSpeed's CPU Adam
+    if precision == "fp16":
+        assert config["fp16"]["enabled"] and config["fp16"]["loss_scale"] == 0  # 0: dynamic loss scaling
+    assert ("bf16" in config) == (precision == "bf16")
+
+
+@pytest.mark.parametrize(("train", "precision", "message"), [
+    ({"zero_stage": 2, "offload_params": "cpu"}, "fp32", "offload_params: cpu needs zero_stage: 3"),
+    ({"zero_stage": 0, "offload_optimizer": "cpu"}, "fp32", "offload_optimizer needs zero_stage 1, 2 or 3"),
+    ({"zero_stage": 2}, "fp16", "fp16 training needs a GPU"),
+])
+def test_deepspeed_config_refuses_what_cannot_run(train, precision, message):
+    settings = {"batch_size": 4, "gradient_accumulation": 1, "learning_rate": 1e-4, "offload_optimizer": "none",
+                "offload_params": "none", **train}
+    with pytest.raises(HelixflowError, match=message):
+        deepspeed_engine.deepspeed_config(settings, precision, "cpu", total_steps=10)
