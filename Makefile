@@ -3,7 +3,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEMO_CELLS ?= 3000
+DEMO_CELLS ?= 2000
 
 .PHONY: demo test venv airflow-venv lint lint-containers bench clean images
 

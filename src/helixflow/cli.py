@@ -269,7 +269,9 @@ def cmd_run(args) -> int:
                  "models_dir": args.models_dir, "profiles_dir": args.profiles_dir, "gene_id_column": args.gene_id_column,
                  "gene_symbol_map": args.gene_symbol_map, "label_column": args.label_column}
     config = [f"{key}={value}" for key, value in overrides.items() if value is not None]
-    command = ["snakemake", "--snakefile", str(SNAKEFILE), "--directory", os.getcwd(), "--configfile", str(args.configfile),
+    # This interpreter's snakemake, and its bin folder first on PATH for the jobs' `helixflow`
+    # commands: works from an unactivated virtual environment too.
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", os.getcwd(), "--configfile", str(args.configfile),
                "--workflow-profile", str(PROJECT_DIR / "workflow" / "profiles" / args.workflow_profile),
                "--cores", str(args.cores), "--rerun-incomplete", "--show-failed-logs", "--config", *config]
     if args.until != "report":
@@ -280,7 +282,8 @@ def cmd_run(args) -> int:
     print(f"helixflow: {layout.n_cells:,} cells x {layout.n_genes:,} genes, profile {args.model}", file=sys.stderr)
     print("helixflow: " + shlex.join(command), file=sys.stderr)
     started = time.monotonic()
-    result = subprocess.run(command)
+    environment = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    result = subprocess.run(command, env=environment)
     if result.returncode != 0:
         print(f"helixflow: error: the workflow failed (snakemake exit {result.returncode}); "
               f"see the log named above, or rerun the same command to resume", file=sys.stderr)
@@ -290,7 +293,7 @@ def cmd_run(args) -> int:
     if args.until == "report":
         report = args.out / "report.html"
         subprocess.run([*command[: command.index("--cores")], "--config", *config, "--report", str(report)],
-                       check=True, capture_output=True)
+                       check=True, capture_output=True, env=environment)
         print(f"helixflow: report:     {report}")
     if args.until in ("embed", "report"):
         print(f"helixflow: embeddings: {args.out / 'embeddings' / 'embeddings.h5ad'} (obsm['X_geneformer'])")
