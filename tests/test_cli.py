@@ -63,3 +63,16 @@ def test_until_stage_with_a_staged_model_does_nothing(dataset, models_dir, tmp_p
                              "--models-dir", str(models_dir), "--until", "stage"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0 and "already staged" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_no_finetune_leaves_out_the_training_steps(dataset, models_dir, tmp_path):
+    def planned(*extra):
+        result = subprocess.run([sys.executable, "-m", "helixflow.cli", "run", str(dataset), "--out", str(tmp_path / "o"),
+                                 "--models-dir", str(models_dir), "--dry-run", *extra], capture_output=True, text=True, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout + result.stderr
+
+    assert "rule finetune:" in planned()
+    without = planned("--no-finetune")
+    assert "rule finetune:" not in without and "rule label_split:" not in without and "rule embed:" in without
+    assert not list(tmp_path.glob("helixflow-config-*"))

@@ -101,7 +101,8 @@ def input_path(params: dict, data_dir: str) -> str:
 def stage_command(params: dict, stage: str, data_dir: str, results_dir: str, models_dir: str, cores: int,
                   profiles_dir: str | None = None) -> list[str]:
     command = ["run", input_path(params, data_dir), "--model", params["model"], "--out",
-               f"{results_dir}/{run_name(params)}", "--models-dir", models_dir, "--until", stage, "--cores", str(cores)]
+               f"{results_dir}/{run_name(params)}", "--models-dir", models_dir, "--until", stage, "--cores", str(cores),
+               "--no-finetune"]  # the DAG's stages end at the report; fine-tuning is not one of them
     if profiles_dir:
         command += ["--profiles-dir", profiles_dir]
     if params.get("chunk_size"):

@@ -9,6 +9,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--configfile", type=Path, default=DEFAULT_CONFIG, help="base config file; default: the built-in one")
     run.add_argument("--workflow-profile", default="default", choices=WORKFLOW_PROFILES,
                      help="where jobs run: default (this machine) or a SLURM profile of workflow/profiles (docs/hpc.md)")
+    run.add_argument("--no-finetune", action="store_true",
+                     help="embeddings and report only: no label split, fine-tuning or evaluation")
     run.add_argument("--dry-run", action="store_true", help="show the jobs without running them")
     run.set_defaults(handler=cmd_run)
 
@@ -274,6 +277,12 @@ def cmd_run(args) -> int:
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", os.getcwd(), "--configfile", str(args.configfile),
                "--workflow-profile", str(PROJECT_DIR / "workflow" / "profiles" / args.workflow_profile),
                "--cores", str(args.cores), "--rerun-incomplete", "--show-failed-logs", "--config", *config]
+    if args.no_finetune:
+        # --config cannot set a nested boolean; a second config file (merged over the first) can.
+        override = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="helixflow-config-", delete=False)
+        override.write("finetune:\n  enabled: false\n")
+        override.close()
+        command[command.index("--configfile") + 1 : command.index("--configfile") + 2] = [str(args.configfile), override.name]
     if args.until != "report":
         command += ["--until", UNTIL_RULES[args.until]]
     if args.dry_run:
@@ -281,8 +290,17 @@ def cmd_run(args) -> int:
     command += args.snakemake_args
     print(f"helixflow: {layout.n_cells:,} cells x {layout.n_genes:,} genes, profile {args.model}", file=sys.stderr)
     print("helixflow: " + shlex.join(command), file=sys.stderr)
+    try:
+        return _run_snakemake(command, config, args, environment_path=Path(sys.executable).parent)
+    finally:
+        if args.no_finetune:
+            os.unlink(override.name)
+
+
+def _run_snakemake(command: list[str], config: list[str], args, environment_path: Path) -> int:
+    """Run the workflow, then its HTML report; print where the results are."""
     started = time.monotonic()
-    environment = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    environment = dict(os.environ, PATH=os.pathsep.join([str(environment_path), os.environ.get("PATH", "")]))
     result = subprocess.run(command, env=environment)
     if result.returncode != 0:
         print(f"helixflow: error: the workflow failed (snakemake exit {result.returncode}); "
