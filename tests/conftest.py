@@ -52,3 +52,12 @@ def tiny_v2(tmp_path_factory) -> ModelFiles:
 def dataset(tmp_path_factory) -> Path:
     """600 synthetic cells, 6 cell types, CSR int32 raw counts."""
     return make_demo_dataset(tmp_path_factory.mktemp("data") / "cells.h5ad", 600, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """In-process DeepSpeed sets RANK/MASTER_PORT in os.environ; later subprocesses must not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
