@@ -54,9 +54,12 @@ def dataset(tmp_path_factory) -> Path:
     return make_demo_dataset(tmp_path_factory.mktemp("data") / "cells.h5ad", 600, seed=1)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def restore_environment():
-    """In-process DeepSpeed sets RANK/MASTER_PORT in os.environ; later subprocesses must not inherit them."""
+    """In-process DeepSpeed sets RANK/MASTER_PORT in os.environ; later modules' subprocesses must not inherit them.
+
+    Module scope, so the snapshot is taken before a module's own module-scoped fixtures train in-process.
+    """
     saved = dict(os.environ)
     yield
     os.environ.clear()
