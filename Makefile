@@ -4,8 +4,12 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_CELLS ?= 3000
+# Shallow cells (500 UMIs, ~200 genes each): the demo fine-tunes in about a minute on 2 cores,
+# and its cell types are hard enough for the frozen-embedding linear probe (~97%) that
+# fine-tuning shows what it adds; at 3,000 UMIs both reach 99.8%.
+DEMO_MEAN_COUNTS ?= 500
 
-.PHONY: demo test venv lint bench clean
+.PHONY: demo test venv lint bench bench-finetune clean
 
 venv: $(VENV)/.installed
 
@@ -21,8 +25,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(BIN)/helixflow demo-data resources/demo/demo.h5ad --cells $(DEMO_CELLS)
-	$(BIN)/helixflow run resources/demo/demo.h5ad --model tiny --out results/demo --cores $$(nproc)
+	$(BIN)/helixflow demo-data resources/demo/demo.h5ad --cells $(DEMO_CELLS) --mean-counts $(DEMO_MEAN_COUNTS)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/helixflow run resources/demo/demo.h5ad --model tiny --out results/demo --cores $$(nproc)
 
 test: venv
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest
@@ -33,6 +37,9 @@ lint: venv
 
 bench: venv
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/run.py
+
+bench-finetune: venv
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/finetune_zero.py --threads 1
 
 clean:
 	rm -rf results .test/results .test/resources resources/demo
