@@ -37,6 +37,19 @@ from helixflow.tokenization import tokenize_chunk
 N_CELLS = 240  # shallow cells (about 200 genes each) keep training steps fast
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_world_environment():
+    """Training in this process sets DeepSpeed's one-process world (RANK, MASTER_PORT, ...) in
+    os.environ and holds its port; processes that later tests start must not inherit it."""
+    saved = {key: os.environ.get(key) for key in deepspeed_engine.WORLD_VARIABLES}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="module")
 def labelled(tiny_v1, tmp_path_factory):
     """A dataset in two chunks, tokenized, with a label split (a fifth of each cell type for validation)."""

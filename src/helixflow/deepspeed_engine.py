@@ -11,9 +11,12 @@ learning-rate schedule only at accumulation boundaries.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
+import sys
+from pathlib import Path
 
 import torch
 
@@ -28,11 +31,16 @@ WORLD_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PO
 def configure_process(device: torch.device) -> None:
     """Set what DeepSpeed reads at import and initialisation.
 
-    The accelerator follows ``device`` (``DS_ACCELERATOR=cpu`` on CPU). Unless a launcher
+    The accelerator follows ``device`` (``DS_ACCELERATOR=cpu`` on CPU); compiled ops are
+    cached per Python environment (``TORCH_EXTENSIONS_DIR``, unless set). Unless a launcher
     (``deepspeed``, ``torchrun``, SLURM) already set ``RANK``, the process is a one-rank
     world on a free local port, so DeepSpeed does not look for MPI.
     """
     os.environ["DS_ACCELERATOR"] = "cpu" if device.type == "cpu" else "cuda"
+    # DeepSpeed compiles its CPU Adam on first use; one build folder per Python environment,
+    # or two environments on a machine (a checkout's and a CI clone's) rebuild each other's.
+    environment = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"env-{environment}"))
     if "RANK" not in os.environ:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
