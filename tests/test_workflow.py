@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +22,7 @@ from helixflow.classifier import FineTunedModel
 from helixflow.demo_data import make_demo_dataset
 from helixflow.embedding import embed_tokens, load_encoder
 from helixflow.model_files import ModelFiles
+from helixflow.profiles import load_profile
 from helixflow.tokenization import open_tokens, tokenize_chunk
 
 TEST_INPUT = PROJECT_DIR / ".test" / "resources" / "test.h5ad"
@@ -89,6 +92,23 @@ def test_finetune_outputs(finished_run):
     runs = list((OUT / "mlruns").glob(f"*/{model.metadata['mlflow_run_id']}"))
     assert len(runs) == 1 and (runs[0] / "metrics" / "heldout_accuracy").is_file()
     assert (runs[0] / "artifacts" / "model" / "model.safetensors").is_file()
+
+
+def test_rules_take_threads_and_resources_from_the_profile(finished_run):
+    plan = snakemake("--dry-run", "--forcerun", "embed", "finetune", "evaluate", "split").stdout
+    jobs = {}
+    for block in plan.split("\nrule ")[1:] + plan.split("\nlocalrule ")[1:]:
+        rule = block.split(":", 1)[0]
+        threads = re.search(r"threads: (\d+)", block)
+        resources = re.search(r"resources: (.*)", block)
+        jobs[rule] = (int(threads.group(1)) if threads else 1, resources.group(1) if resources else "")
+    profile = load_profile("tiny")
+    for rule, kind in (("embed", "embed"), ("finetune", "finetune"), ("evaluate", "embed"), ("split", "light")):
+        threads, resources = jobs[rule]
+        assert threads == 2, rule
+        assert f"mem_mb={profile['memory_mb'][kind]}" in resources, (rule, resources)
+    runtime = math.ceil(profile["runtime_min_per_10k_cells"]["finetune"] * 600 / 10_000)  # the whole dataset
+    assert f"runtime={runtime}," in jobs["finetune"][1]
 
 
 def test_chunked_embeddings_equal_one_pass(finished_run, tmp_path):

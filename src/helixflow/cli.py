@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the workflow on a dataset", description=(
-        "Run validate -> split -> tokenize -> embed -> report on INPUT with snakemake. Reruns resume: "
+        "Run validate -> split -> tokenize -> embed (-> fine-tune -> evaluate) -> report on INPUT with snakemake. Reruns resume: "
         "finished jobs are kept, interrupted ones are redone. Options after a bare '--' go to snakemake "
         "as they are, e.g. '-- --executor slurm --jobs 50'."))
     run.add_argument("input", type=Path, help="the .h5ad dataset (raw counts, never modified)")
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profiles-dir", type=Path, help="folder of model profiles; default: the built-in ones")
     run.add_argument("--gene-id-column", help="var column with Ensembl ids, or 'index'; default: ensembl_id")
     run.add_argument("--gene-symbol-map", type=Path, help="two-column table mapping gene symbols to Ensembl ids")
-    run.add_argument("--label-column", help="obs column to colour the embedding map by; default: cell_type")
+    run.add_argument("--label-column", help="obs column to colour the embedding map by and fine-tune on; default: cell_type")
+    run.add_argument("--annotate", type=Path, help="another .h5ad to label with the fine-tuned model")
     run.add_argument("--configfile", type=Path, default=DEFAULT_CONFIG, help="base config file; default: the built-in one")
     run.add_argument("--workflow-profile", default="default", choices=WORKFLOW_PROFILES,
                      help="where jobs run: default (this machine) or a SLURM profile of workflow/profiles (docs/hpc.md)")
@@ -272,6 +273,9 @@ def cmd_run(args) -> int:
                  "models_dir": args.models_dir, "profiles_dir": args.profiles_dir, "gene_id_column": args.gene_id_column,
                  "gene_symbol_map": args.gene_symbol_map, "label_column": args.label_column}
     config = [f"{key}={value}" for key, value in overrides.items() if value is not None]
+    if args.annotate:
+        inspect_h5ad(args.annotate)
+        config.append(f"annotate={{input: {args.annotate}}}")
     # This interpreter's snakemake, and its bin folder first on PATH for the jobs' `helixflow`
     # commands: works from an unactivated virtual environment too.
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", os.getcwd(), "--configfile", str(args.configfile),
@@ -315,6 +319,14 @@ def _run_snakemake(command: list[str], config: list[str], args, environment_path
         print(f"helixflow: report:     {report}")
     if args.until in ("embed", "report"):
         print(f"helixflow: embeddings: {args.out / 'embeddings' / 'embeddings.h5ad'} (obsm['X_geneformer'])")
+    metrics_path = args.out / "evaluate" / "metrics.json"
+    if args.until in ("evaluate", "report") and metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+        print(f"helixflow: fine-tuned: {args.out / 'finetune' / 'model'}: held-out accuracy "
+              f"{metrics['fine_tuned']['accuracy']:.3f}, macro-F1 {metrics['fine_tuned']['macro_f1']:.3f} "
+              f"(linear probe {metrics['linear_probe']['accuracy']:.3f}, {metrics['linear_probe']['macro_f1']:.3f})")
+    if args.annotate:
+        print(f"helixflow: annotated:  {args.out / 'annotate' / (args.annotate.stem + '.h5ad')}")
     print(f"helixflow: done in {time.monotonic() - started:.0f} s; trace: {args.out / 'pipeline_info'}")
     return 0
 

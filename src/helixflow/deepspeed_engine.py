@@ -11,9 +11,12 @@ learning-rate schedule only at accumulation boundaries.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
+import sys
+from pathlib import Path
 
 import torch
 
@@ -28,11 +31,16 @@ WORLD_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PO
 def configure_process(device: torch.device) -> None:
     """Set what DeepSpeed reads at import and initialisation.
 
-    The accelerator follows ``device`` (``DS_ACCELERATOR=cpu`` on CPU). Unless a launcher
+    The accelerator follows ``device`` (``DS_ACCELERATOR=cpu`` on CPU); compiled ops are
+    cached per Python environment (``TORCH_EXTENSIONS_DIR``, unless set). Unless a launcher
     (``deepspeed``, ``torchrun``, SLURM) already set ``RANK``, the process is a one-rank
     world on a free local port, so DeepSpeed does not look for MPI.
     """
     os.environ["DS_ACCELERATOR"] = "cpu" if device.type == "cpu" else "cuda"
+    # DeepSpeed compiles its CPU Adam on first use; one build folder per Python environment,
+    # or two environments on a machine (a checkout's and a CI clone's) rebuild each other's.
+    environment = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"env-{environment}"))
     if "RANK" not in os.environ:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -40,7 +48,24 @@ def configure_process(device: torch.device) -> None:
         os.environ.update(zip(WORLD_VARIABLES, ("0", "0", "1", "127.0.0.1", str(port))))
 
 
-def deepspeed_config(train: dict, precision: str, device_type: str, total_steps: int) -> dict:
+def warmup_decay(total_steps: int):
+    """Learning-rate factor of each optimizer step (0-based), for ``torch.optim.lr_scheduler.LambdaLR``.
+
+    Linear warm-up over the first tenth of the steps (the first step already moves), then
+    linear decay towards zero at ``total_steps``. DeepSpeed's own WarmupDecayLR would
+    spend the first two steps at a learning rate of zero.
+    """
+    warmup = max(1, round(WARMUP_FRACTION * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def deepspeed_config(train: dict, precision: str, device_type: str) -> dict:
     """The DeepSpeed configuration for a profile's ``train`` section.
 
     Parameters
@@ -52,8 +77,6 @@ def deepspeed_config(train: dict, precision: str, device_type: str, total_steps:
         ``fp32``, ``bf16`` or ``fp16``.
     device_type
         ``cpu`` or ``cuda``.
-    total_steps
-        Optimizer steps of the whole run (for the learning-rate schedule).
     """
     check_train_settings(train, precision, device_type)
     pin_memory = device_type == "cuda"
@@ -62,22 +85,11 @@ def deepspeed_config(train: dict, precision: str, device_type: str, total_steps:
         zero["offload_optimizer"] = {"device": train["offload_optimizer"], "pin_memory": pin_memory}
     if train["offload_params"] != "none":
         zero["offload_param"] = {"device": train["offload_params"], "pin_memory": pin_memory}
-    total_steps = max(1, total_steps)
     config = {
         "train_micro_batch_size_per_gpu": train["batch_size"],
         "gradient_accumulation_steps": train["gradient_accumulation"],
         "gradient_clipping": GRADIENT_CLIPPING,
         "zero_optimization": zero,
-        "scheduler": {
-            "type": "WarmupDecayLR",
-            "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": train["learning_rate"],
-                "warmup_num_steps": max(1, round(WARMUP_FRACTION * total_steps)),
-                "total_num_steps": total_steps,
-                "warmup_type": "linear",
-            },
-        },
         "steps_per_print": 2**31 - 1,
     }
     if train["offload_optimizer"] != "none":
@@ -92,15 +104,22 @@ def deepspeed_config(train: dict, precision: str, device_type: str, total_steps:
 
 
 def initialize(model: torch.nn.Module, train: dict, precision: str, device: torch.device, total_steps: int):
-    """Wrap ``model`` in a DeepSpeed engine that trains its parameters that require gradients."""
+    """Wrap ``model`` in a DeepSpeed engine that trains its parameters that require gradients.
+
+    The engine steps the learning-rate schedule (:func:`warmup_decay` over ``total_steps``
+    optimizer steps) at each accumulation boundary and saves it with checkpoints.
+    """
     configure_process(device)
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    config = deepspeed_config(train, precision, device.type, total_steps)
+    config = deepspeed_config(train, precision, device.type)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = None if "optimizer" in config else torch.optim.AdamW(trainable, **{**ADAMW, "lr": train["learning_rate"]})
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=optimizer, config=config)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=trainable, optimizer=optimizer, config=config,
+        lr_scheduler=lambda basic_optimizer: torch.optim.lr_scheduler.LambdaLR(basic_optimizer, warmup_decay(total_steps)),
+    )
     return engine
 
 

@@ -179,6 +179,7 @@ def train_to_epoch_end(engine, cells: LabelledCells, plan: TrainingPlan, seed: i
         logits = engine(input_ids=ids.to(engine.device), attention_mask=attention.to(engine.device)).logits
         loss = torch.nn.functional.cross_entropy(logits.float(), torch.from_numpy(cells.targets[batch]).to(engine.device))
         boundary = engine.is_gradient_accumulation_boundary()
+        learning_rate = engine.get_lr()[0]  # what this step uses; stepping moves the schedule on
         engine.backward(loss)
         engine.step()
         state["micro_batch"] += 1
@@ -186,7 +187,7 @@ def train_to_epoch_end(engine, cells: LabelledCells, plan: TrainingPlan, seed: i
         if not boundary:
             continue
         record = {"step": engine.global_steps, "epoch": round(state["micro_batch"] / plan.batches_per_epoch, 4),
-                  "train_loss": float(np.mean(state["pending_losses"])), "learning_rate": engine.get_lr()[0]}
+                  "train_loss": float(np.mean(state["pending_losses"])), "learning_rate": learning_rate}
         state["pending_losses"] = []
         state["history"].append(record)
         tracker.log_metrics({"train_loss": record["train_loss"], "learning_rate": record["learning_rate"]}, record["step"])
