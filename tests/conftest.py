@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -64,3 +70,47 @@ def restore_environment():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pushgateway(tmp_path_factory):
+    """A Pushgateway on a free local port, stopped by PID afterwards."""
+    require_service("prometheus-pushgateway", "step metrics are pushed to a Pushgateway")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("pushgateway") / "pushgateway.log", "w")
+    # --persistence.file= keeps pushes in memory: Debian's default file is shared by every Pushgateway here.
+    process = subprocess.Popen(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="],
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/-/ready", timeout=2):
+                break
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, "the Pushgateway did not start"
+            time.sleep(0.1)
+    yield url
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+    log.close()
+
+
+def pushed_groups(url: str) -> list[dict]:
+    """Every group the Pushgateway holds: its grouping labels, metric name -> value, and the model labels."""
+    with urllib.request.urlopen(f"{url}/api/v1/metrics", timeout=5) as response:
+        groups = json.load(response)["data"]
+    families = [{name: family for name, family in group.items() if isinstance(family, dict) and "metrics" in family}
+                for group in groups]
+    return [{"labels": group["labels"],
+             "values": {name: float(family["metrics"][0]["value"]) for name, family in own.items()
+                        if name.startswith("helixflow_")},
+             "model": {family["metrics"][0]["labels"].get("model") for name, family in own.items()
+                       if name.startswith("helixflow_")}}
+            for group, own in zip(groups, families)]

@@ -30,7 +30,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import PROJECT_DIR, require_service
+from conftest import PROJECT_DIR, pushed_groups, require_service
 from helixflow.demo_data import make_demo_dataset
 from helixflow.embedding import embed_tokens, load_encoder
 from helixflow.model_files import ModelFiles
@@ -84,13 +84,15 @@ def config_args(work) -> list[str]:
             f"chunk_size={CHUNK_SIZE}"]
 
 
-def snakemake(work, profile: str, *extra: str) -> subprocess.CompletedProcess:
+def snakemake(work, profile: str, *extra: str, pushgateway: str | None = None) -> subprocess.CompletedProcess:
     command = ["timeout", "-s", "KILL", str(RUN_LIMIT_S), "snakemake",
                "--workflow-profile", f"workflow/profiles/{profile}",
                # the profile waits 10 s before the first status check; the test's jobs are short
                "--slurm-init-seconds-before-status-checks", "2",
                "--slurm-logdir", str(work / "slurm_logs"), *config_args(work), *extra]
-    result = subprocess.run(command, cwd=PROJECT_DIR, capture_output=True, text=True)
+    # The Pushgateway only as an environment variable: it has to reach the jobs through sbatch.
+    env = {**os.environ, "HELIXFLOW_PUSHGATEWAY": pushgateway} if pushgateway else None
+    result = subprocess.run(command, cwd=PROJECT_DIR, capture_output=True, text=True, env=env)
     if result.returncode == 137:
         subprocess.run(["snakemake", "--unlock", *config_args(work)], cwd=PROJECT_DIR, capture_output=True)
         pytest.fail(f"snakemake ran longer than {RUN_LIMIT_S} s:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -122,10 +124,10 @@ def rule_and_chunk(record: dict[str, str]) -> tuple[str, str | None]:
 
 
 @pytest.fixture(scope="module")
-def runs(cluster, work):
+def runs(cluster, work, pushgateway):
     """The three runs, with the scheduler's records of their jobs taken right after each."""
     done = {}
-    first = snakemake(work, "slurm", "--until", "tokenize")
+    first = snakemake(work, "slurm", "--until", "tokenize", pushgateway=pushgateway)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     done["first"] = (first, records(first))
 
@@ -209,3 +211,15 @@ def test_embeddings_equal_a_direct_computation(runs, work, tmp_path):
     np.testing.assert_allclose(embeddings.obsm["X_geneformer"], direct, atol=1e-5)
     trace = pd.read_csv(out / "pipeline_info" / "execution_trace.tsv", sep="\t")
     assert (trace["process"] == "embed").sum() == len(CHUNKS)
+
+
+def test_jobs_on_the_cluster_push_their_step_metrics(runs, pushgateway):
+    """The first run's SLURM jobs pushed their figures: HELIXFLOW_PUSHGATEWAY travelled through sbatch."""
+    tokenized = {group["labels"]["chunk"]: group["values"] for group in pushed_groups(pushgateway)
+                 if group["labels"].get("run") == "out" and group["labels"].get("step") == "tokenize"}
+    assert set(tokenized) == set(CHUNKS)
+    for values in tokenized.values():
+        assert values["helixflow_step_success"] == 1 and values["helixflow_step_cells"] == CHUNK_SIZE
+    workflow = [group for group in pushed_groups(pushgateway)
+                if group["labels"] == {"job": "helixflow_workflow", "run": "out"}]
+    assert len(workflow) == 1  # the invocations' onsuccess/onerror pushes (the last one replaced the others)

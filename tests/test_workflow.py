@@ -77,6 +77,11 @@ def test_outputs(finished_run):
     assert (trace.loc[trace["process"] == "tokenize", "cells"] == 200).all()
     assert trace["peak_rss_mb"].notna().all() and (trace["realtime_s"] > 0).all()
     assert {"label_split", "finetune", "evaluate"} <= set(trace["process"])
+    # Cells come from each step's own metrics record, also for steps that are not per chunk.
+    cells = trace.set_index("process")["cells"]
+    assert cells["validate_input"] == cells["gather"] == 600 and cells["label_split"] == 600
+    assert cells["evaluate"] == 120 and trace["peak_gpu_mb"].isna().all()  # CPU only
+    assert (trace.loc[trace["process"] == "embed", "cells_per_s"] > 0).all()
 
 
 def test_finetune_outputs(finished_run):

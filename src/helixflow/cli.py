@@ -37,10 +37,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "metrics_step", None):
+            return _run_measured_step(args)
         return args.handler(args) or 0
     except HelixflowError as error:
         print(f"helixflow: error: {error.path}: {error.problem}", file=sys.stderr)
         return error.exit_code
+
+
+def _run_measured_step(args) -> int:
+    """A workflow step: its handler returns the cells it processed; helixflow.metrics reports the rest."""
+    from helixflow.metrics import step_metrics
+
+    with step_metrics(args.metrics_step, getattr(args, "chunk_name", None) or "all") as record:
+        record.cells = args.handler(args)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--out", type=Path, required=True, help="output .h5ad")
     _add_inference_args(annotate)
     _add_gene_args(annotate)
-    annotate.set_defaults(handler=cmd_annotate)
+    annotate.set_defaults(handler=cmd_annotate, metrics_step="annotate")
 
     demo = commands.add_parser("demo-data", help="write a synthetic raw-count dataset", description=(
         "Write a realistic synthetic dataset: raw integer counts (CSR), several cell types with their own "
@@ -151,6 +162,10 @@ def _add_inference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int)
 
 
+def _add_chunk_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chunk-name", help="the chunk's name, the chunk label of the step's metrics")
+
+
 def _add_step_parsers(commands) -> None:
     steps = commands.add_parser("step", help="run one workflow step (what the workflow's rules call)").add_subparsers(metavar="STEP")
 
@@ -162,14 +177,15 @@ def _add_step_parsers(commands) -> None:
     raw = validate.add_mutually_exclusive_group()
     raw.add_argument("--require-raw-counts", dest="raw", action="store_true", default=True)
     raw.add_argument("--allow-any-values", dest="raw", action="store_false")
-    validate.set_defaults(handler=cmd_step_validate)
+    validate.set_defaults(handler=cmd_step_validate, metrics_step="validate_input")
 
     split = steps.add_parser("split", help="write cells START:STOP of a dataset to a chunk file")
     split.add_argument("input", type=Path)
     split.add_argument("out", type=Path)
     split.add_argument("--start", type=int, required=True)
     split.add_argument("--stop", type=int, required=True)
-    split.set_defaults(handler=cmd_step_split)
+    _add_chunk_arg(split)
+    split.set_defaults(handler=cmd_step_split, metrics_step="split")
 
     tokenize = steps.add_parser("tokenize", help="rank-value encode a chunk into an Arrow file")
     tokenize.add_argument("chunk", type=Path)
@@ -177,7 +193,8 @@ def _add_step_parsers(commands) -> None:
     _add_model_args(tokenize)
     _add_gene_args(tokenize)
     tokenize.add_argument("--threads", type=int, default=1, help="threads that rank cells in parallel")
-    tokenize.set_defaults(handler=cmd_step_tokenize)
+    _add_chunk_arg(tokenize)
+    tokenize.set_defaults(handler=cmd_step_tokenize, metrics_step="tokenize")
 
     embed = steps.add_parser("embed", help="embed a tokenized chunk")
     embed.add_argument("tokens", type=Path)
@@ -186,13 +203,14 @@ def _add_step_parsers(commands) -> None:
     _add_model_args(embed)
     embed.add_argument("--threads", type=int)
     embed.add_argument("--batch-size", type=int, help="default from the profile")
-    embed.set_defaults(handler=cmd_step_embed)
+    _add_chunk_arg(embed)
+    embed.set_defaults(handler=cmd_step_embed, metrics_step="embed")
 
     gather = steps.add_parser("gather", help="concatenate embedded chunks into one .h5ad")
     gather.add_argument("out", type=Path)
     gather.add_argument("chunks", type=Path, nargs="+")
     gather.add_argument("--model", required=True)
-    gather.set_defaults(handler=cmd_step_gather)
+    gather.set_defaults(handler=cmd_step_gather, metrics_step="gather")
 
     plot = steps.add_parser("plot", help="UMAP of the embeddings")
     plot.add_argument("embeddings", type=Path)
@@ -200,7 +218,7 @@ def _add_step_parsers(commands) -> None:
     plot.add_argument("out_json", type=Path)
     plot.add_argument("--label")
     plot.add_argument("--max-cells", type=int, default=20_000)
-    plot.set_defaults(handler=cmd_step_plot)
+    plot.set_defaults(handler=cmd_step_plot, metrics_step="plot_embeddings")
 
     label_split = steps.add_parser("label-split", help="split labelled cells into train and validation, stratified by label")
     label_split.add_argument("out", type=Path)
@@ -209,7 +227,7 @@ def _add_step_parsers(commands) -> None:
     label_split.add_argument("--label", required=True, help="obs column to predict")
     label_split.add_argument("--validation-fraction", type=float, default=0.2)
     label_split.add_argument("--seed", type=int, default=0)
-    label_split.set_defaults(handler=cmd_step_label_split)
+    label_split.set_defaults(handler=cmd_step_label_split, metrics_step="label_split")
 
     finetune = steps.add_parser("finetune", help="fine-tune a cell classifier with DeepSpeed (resumes from checkpoints)")
     finetune.add_argument("split", type=Path, help="the label-split table")
@@ -223,7 +241,7 @@ def _add_step_parsers(commands) -> None:
     finetune.add_argument("--mlflow-uri", default="mlruns", help="MLflow tracking URI, or a folder for a local store")
     finetune.add_argument("--mlflow-experiment", default="helixflow")
     finetune.add_argument("--threads", type=int)
-    finetune.set_defaults(handler=cmd_step_finetune)
+    finetune.set_defaults(handler=cmd_step_finetune, metrics_step="finetune")
 
     evaluate = steps.add_parser("evaluate", help="score the fine-tuned model and a linear probe on held-out cells")
     evaluate.add_argument("model_dir", type=Path)
@@ -233,15 +251,14 @@ def _add_step_parsers(commands) -> None:
     evaluate.add_argument("--embeddings", type=Path, required=True, help="frozen-model embeddings (the gather step's output)")
     evaluate.add_argument("--training-log", type=Path, required=True)
     _add_inference_args(evaluate)
-    evaluate.set_defaults(handler=cmd_step_evaluate)
+    evaluate.set_defaults(handler=cmd_step_evaluate, metrics_step="evaluate")
 
     trace = steps.add_parser("trace", help="per-job execution trace from benchmark files")
     trace.add_argument("benchmarks", type=Path)
     trace.add_argument("out_tsv", type=Path)
     trace.add_argument("out_png", type=Path)
-    trace.add_argument("--cells-per-chunk", type=json.loads, default={})
-    trace.add_argument("--total-cells", type=int, default=0)
-    trace.set_defaults(handler=cmd_step_trace)
+    trace.add_argument("--step-metrics", type=Path, required=True, help="the steps' metrics records (HELIXFLOW_METRICS_DIR)")
+    trace.set_defaults(handler=cmd_step_trace, metrics_step="pipeline_info")
 
 
 def _model_files(args):
@@ -447,7 +464,7 @@ def cmd_step_validate(args) -> int:
     _, files = _model_files(args)
     summary = validate_input(args.input, files, args.out, args.gene_id_column, _symbol_map(args), args.raw)
     print(json.dumps(summary))
-    return 0
+    return summary["cells"]
 
 
 def cmd_step_split(args) -> int:
@@ -455,7 +472,7 @@ def cmd_step_split(args) -> int:
 
     split_chunk(args.input, args.out, args.start, args.stop)
     print(f"helixflow: cells {args.start}:{args.stop} -> {args.out}")
-    return 0
+    return args.stop - args.start
 
 
 def cmd_step_tokenize(args) -> int:
@@ -465,7 +482,7 @@ def cmd_step_tokenize(args) -> int:
     started = time.monotonic()
     cells = tokenize_chunk(args.chunk, files, args.out, args.gene_id_column, _symbol_map(args), threads=args.threads, progress=True)
     print(f"helixflow: tokenized {cells} cells in {time.monotonic() - started:.1f} s -> {args.out}")
-    return 0
+    return cells
 
 
 def cmd_step_embed(args) -> int:
@@ -476,15 +493,17 @@ def cmd_step_embed(args) -> int:
     cells = embed_chunk(args.tokens, args.chunk, files, args.out, args.batch_size or profile["embed"]["batch_size"],
                         profile["device"], profile["precision"], args.threads, progress=True)
     print(f"helixflow: embedded {cells} cells in {time.monotonic() - started:.1f} s -> {args.out}")
-    return 0
+    return cells
 
 
 def cmd_step_gather(args) -> int:
     from helixflow.embedding import gather_embeddings
 
+    import anndata
+
     gather_embeddings(args.chunks, args.out, {"model_profile": args.model, "chunks": len(args.chunks)})
     print(f"helixflow: gathered {len(args.chunks)} chunks -> {args.out}")
-    return 0
+    return anndata.read_h5ad(args.out, backed="r").n_obs  # obs only: X stays on disk
 
 
 def cmd_step_label_split(args) -> int:
@@ -492,7 +511,7 @@ def cmd_step_label_split(args) -> int:
 
     table = write_label_split(args.chunks, args.tokens, args.out, args.label, args.validation_fraction, args.seed)
     print(table.groupby(["label", "split"], dropna=False).size().unstack(fill_value=0).to_string())
-    return 0
+    return len(table)
 
 
 def cmd_step_finetune(args) -> int:
@@ -503,7 +522,7 @@ def cmd_step_finetune(args) -> int:
                        args.seed, args.mlflow_uri, args.mlflow_experiment, args.label, args.threads)
     print(f"helixflow: fine-tuned in {summary['seconds_this_session']} s: validation accuracy "
           f"{summary['validation_accuracy']:.4f} -> {args.out_model} (MLflow run {summary['mlflow_run_id']})")
-    return 0
+    return summary["train_cells"] + summary["validation_cells"]
 
 
 def cmd_step_evaluate(args) -> int:
@@ -514,7 +533,7 @@ def cmd_step_evaluate(args) -> int:
     print(f"helixflow: held-out accuracy {metrics['fine_tuned']['accuracy']:.4f}, macro-F1 {metrics['fine_tuned']['macro_f1']:.4f} "
           f"(linear probe {metrics['linear_probe']['accuracy']:.4f}, {metrics['linear_probe']['macro_f1']:.4f}; "
           f"chance {metrics['chance_accuracy']:.4f}) -> {args.out_dir}")
-    return 0
+    return metrics["validation_cells"]
 
 
 def cmd_annotate(args) -> int:
@@ -525,22 +544,23 @@ def cmd_annotate(args) -> int:
                               args.threads, args.gene_id_column, _symbol_map(args))
     print(obs[predicted].value_counts(dropna=False).to_string())
     print(f"helixflow: annotated {len(obs):,} cells in {time.monotonic() - started:.1f} s -> {args.out} (obs['{predicted}'])")
-    return 0
+    return len(obs)
 
 
 def cmd_step_plot(args) -> int:
     from helixflow.report import plot_embedding_map
 
-    print(json.dumps(plot_embedding_map(args.embeddings, args.out_png, args.out_json, args.label, args.max_cells)))
-    return 0
+    summary = plot_embedding_map(args.embeddings, args.out_png, args.out_json, args.label, args.max_cells)
+    print(json.dumps(summary))
+    return summary["cells_plotted"]
 
 
 def cmd_step_trace(args) -> int:
     from helixflow.report import write_trace
 
-    table = write_trace(args.benchmarks, args.out_tsv, args.out_png, args.cells_per_chunk, args.total_cells)
+    table = write_trace(args.benchmarks, args.step_metrics, args.out_tsv, args.out_png)
     print(table.to_string(index=False))
-    return 0
+    return 0  # it reads the other jobs' records; it processes no cells
 
 
 if __name__ == "__main__":

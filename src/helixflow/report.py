@@ -16,11 +16,12 @@ from anndata.experimental import read_elem_lazy
 
 from helixflow.embedding import EMBEDDING_KEY
 from helixflow.errors import HelixflowError
+from helixflow.metrics import read_records
 from helixflow.outputs import atomic_path
 
 # Columns after Nextflow's execution trace, so nf-core habits carry over.
 TRACE_COLUMNS = ["task_id", "name", "process", "tag", "status", "realtime_s", "cpu_percent",
-                 "peak_rss_mb", "peak_vmem_mb", "read_mb", "write_mb", "cells", "cells_per_s"]
+                 "peak_rss_mb", "peak_vmem_mb", "read_mb", "write_mb", "cells", "cells_per_s", "peak_gpu_mb"]
 
 
 def plot_embedding_map(
@@ -87,13 +88,17 @@ def plot_embedding_map(
     return summary
 
 
-def collect_trace(benchmarks_dir: str | Path, cells_per_chunk: dict[str, int], total_cells: int) -> pd.DataFrame:
-    """One row per finished job from Snakemake's benchmark files (``<rule>/<tag>.tsv``)."""
+def collect_trace(benchmarks_dir: str | Path, metrics_dir: str | Path) -> pd.DataFrame:
+    """One row per finished job: Snakemake's benchmark files (``<rule>/<tag>.tsv``) for time, memory
+    and I/O, the step's own metrics record (helixflow.metrics) for cells and GPU memory."""
+    records = read_records(metrics_dir)
     rows = []
     for path in sorted(Path(benchmarks_dir).glob("*/*.tsv")):
         bench = pd.read_csv(path, sep="\t").iloc[-1]  # a repeated benchmark keeps its last run
         process, tag = path.parent.name, path.stem
-        cells = cells_per_chunk.get(tag, total_cells if process in ("validate_input", "gather") else 0)
+        record = records.get((process, tag), {})
+        cells = record.get("cells", 0)
+        gpu_bytes = record.get("peak_gpu_memory_bytes")
         seconds = float(bench["s"])
         rows.append({
             "name": f"{process} ({tag})", "process": process, "tag": tag, "status": "COMPLETED",
@@ -102,6 +107,7 @@ def collect_trace(benchmarks_dir: str | Path, cells_per_chunk: dict[str, int], t
             "peak_rss_mb": _number(bench.get("max_rss")), "peak_vmem_mb": _number(bench.get("max_vms")),
             "read_mb": _number(bench.get("io_in")), "write_mb": _number(bench.get("io_out")),
             "cells": cells, "cells_per_s": round(cells / seconds, 1) if cells and seconds else None,
+            "peak_gpu_mb": round(gpu_bytes / 2**20, 1) if gpu_bytes is not None else None,
         })
     table = pd.DataFrame(rows, columns=TRACE_COLUMNS[1:])
     table.insert(0, "task_id", range(1, len(table) + 1))
@@ -115,15 +121,19 @@ def _number(value) -> float | None:
         return None  # Snakemake writes "NA" where it could not measure
 
 
-def write_trace(benchmarks_dir: str | Path, out_tsv: str | Path, out_png: str | Path,
-                cells_per_chunk: dict[str, int], total_cells: int) -> pd.DataFrame:
-    """Write the trace TSV and a plot of wall time and peak memory per step."""
-    table = collect_trace(benchmarks_dir, cells_per_chunk, total_cells)
-    per_step = table.groupby("process", sort=False).agg(realtime_s=("realtime_s", "sum"), peak_rss_mb=("peak_rss_mb", "max"))
-    figure, (time_axes, memory_axes) = plt.subplots(1, 2, figsize=(11, 4))
+def write_trace(benchmarks_dir: str | Path, metrics_dir: str | Path, out_tsv: str | Path,
+                out_png: str | Path) -> pd.DataFrame:
+    """Write the trace TSV and a plot of wall time, peak memory and throughput per step."""
+    table = collect_trace(benchmarks_dir, metrics_dir)
+    per_step = table.groupby("process", sort=False).agg(
+        realtime_s=("realtime_s", "sum"), peak_rss_mb=("peak_rss_mb", "max"), cells=("cells", "sum"))
+    per_step["cells_per_s"] = per_step["cells"] / per_step["realtime_s"]
+    figure, (time_axes, memory_axes, rate_axes) = plt.subplots(1, 3, figsize=(15, 4))
     per_step["realtime_s"].plot.barh(ax=time_axes, color="tab:blue", title="Wall time, all jobs (s)")
     per_step["peak_rss_mb"].plot.barh(ax=memory_axes, color="tab:orange", title="Peak memory of one job (MB)")
-    memory_axes.set_ylabel("")
+    per_step["cells_per_s"].plot.barh(ax=rate_axes, color="tab:green", title="Cells per second of job wall time")
+    for axes in (memory_axes, rate_axes):
+        axes.set_ylabel("")
     figure.tight_layout()
     with atomic_path(out_png) as partial:
         figure.savefig(partial, dpi=110, format="png")

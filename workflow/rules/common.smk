@@ -1,9 +1,10 @@
 # Run-wide values computed once at parse time: the model profile, the chunks, the paths.
-import json
 import os
+import time
 from pathlib import Path
 
 from helixflow.h5ad import chunk_bounds, inspect_h5ad
+from helixflow.metrics import push_workflow
 from helixflow.model_files import ModelFiles, model_facts
 from helixflow.profiles import load_profile, step_resources
 
@@ -33,6 +34,26 @@ if ANNOTATE_INPUT and not FINETUNE:
 FINETUNE_TARGETS = ([f"{OUTDIR}/evaluate/metrics.json"] if FINETUNE else []) + (
     [f"{OUTDIR}/annotate/{Path(ANNOTATE_INPUT).stem}.h5ad"] if ANNOTATE_INPUT else []
 )
+# What every job's metrics are labelled with and where they go (helixflow.metrics). Jobs inherit
+# this environment, locally and in SLURM jobs (which parse this file again). Without
+# monitoring.pushgateway, an HELIXFLOW_PUSHGATEWAY already in the environment applies.
+RUN_NAME = Path(OUTDIR).name
+STEP_METRICS_DIR = f"{OUTDIR}/pipeline_info/steps"
+os.environ.update(
+    HELIXFLOW_RUN=RUN_NAME,
+    HELIXFLOW_MODEL=PROFILE["name"],
+    HELIXFLOW_METRICS_DIR=os.path.abspath(STEP_METRICS_DIR),
+)
+if config["monitoring"]["pushgateway"]:
+    os.environ.update(HELIXFLOW_PUSHGATEWAY=config["monitoring"]["pushgateway"])
+WORKFLOW_STARTED = time.time()
+
+
+def push_workflow_metrics(success):
+    """Duration, outcome and cells of this snakemake invocation (its onsuccess/onerror)."""
+    push_workflow(RUN_NAME, PROFILE["name"], WORKFLOW_STARTED, LAYOUT.n_cells, success)
+
+
 MODEL_ARGS = f"--models-dir {config['models_dir']} --profile {PROFILE['name']}" + (
     f" --profiles-dir {config['profiles_dir']}" if config["profiles_dir"] else ""
 )

@@ -19,7 +19,7 @@ rule embed:
     params:
         model=MODEL_ARGS,
     shell:
-        "helixflow step embed {input.tokens} {input.chunk} {output} {params.model} --threads {threads} > {log} 2>&1"
+        "helixflow step embed {input.tokens} {input.chunk} {output} {params.model} --threads {threads} --chunk-name {wildcards.chunk} > {log} 2>&1"
 
 
 rule gather:

@@ -51,9 +51,6 @@ rule pipeline_info:
         runtime=resources_of("pipeline_info")["runtime"],
     params:
         benchmarks=f"{OUTDIR}/benchmarks",
-        total_cells=LAYOUT.n_cells,
-        cells=json.dumps(
-            {chunk: stop - start for chunk, (start, stop) in CHUNK_BOUNDS.items()}
-        ),
+        step_metrics=STEP_METRICS_DIR,
     shell:
-        "helixflow step trace {params.benchmarks} {output.trace} {output.plot} --cells-per-chunk '{params.cells}' --total-cells {params.total_cells} > {log} 2>&1"
+        "helixflow step trace {params.benchmarks} {output.trace} {output.plot} --step-metrics {params.step_metrics} > {log} 2>&1"

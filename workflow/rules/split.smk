@@ -50,4 +50,4 @@ rule split:
         start=lambda wildcards: CHUNK_BOUNDS[wildcards.chunk][0],
         stop=lambda wildcards: CHUNK_BOUNDS[wildcards.chunk][1],
     shell:
-        "helixflow step split {input.h5ad} {output} --start {params.start} --stop {params.stop} > {log} 2>&1"
+        "helixflow step split {input.h5ad} {output} --start {params.start} --stop {params.stop} --chunk-name {wildcards.chunk} > {log} 2>&1"

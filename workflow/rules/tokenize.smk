@@ -20,4 +20,4 @@ rule tokenize:
         model=MODEL_ARGS,
         genes=GENE_ARGS,
     shell:
-        "helixflow step tokenize {input.chunk} {output} {params.model} {params.genes} --threads {threads} > {log} 2>&1"
+        "helixflow step tokenize {input.chunk} {output} {params.model} {params.genes} --threads {threads} --chunk-name {wildcards.chunk} > {log} 2>&1"
