@@ -13,7 +13,8 @@ umask 077
     echo "AIRFLOW_JWT_SECRET=$(secret)"
     echo "AIRFLOW_API_SECRET_KEY=$(secret)"
     echo "AIRFLOW_ADMIN_PASSWORD=$(secret)"
+    echo "GRAFANA_ADMIN_PASSWORD=$(secret)"
     echo "HELIXFLOW_DATA_DIR=${1:-$PWD/resources}"
     echo "HELIXFLOW_RESULTS_DIR=${2:-$PWD/results}"
 } > .env
-echo "wrote .env (admin password: AIRFLOW_ADMIN_PASSWORD in .env)" >&2
+echo "wrote .env (admin passwords: AIRFLOW_ADMIN_PASSWORD, GRAFANA_ADMIN_PASSWORD in .env)" >&2

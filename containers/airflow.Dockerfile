@@ -1,6 +1,7 @@
 # Airflow image for the compose stack: Airflow 3.3.2 + providers-docker 4.6.1 + the Postgres
-# driver. None of the model stack: the DAG's stage tasks run in the helixflow image through the
-# Docker API (the socket proxy). The DAGs and profiles are mounted (compose.yaml) or baked in below.
+# driver + airflow-exporter (Prometheus metrics at the api-server's /admin/metrics/). None of the
+# model stack: the DAG's stage tasks run in the helixflow image through the Docker API (the socket
+# proxy). The DAGs, plugins and profiles are mounted (compose.yaml) or baked in below.
 # Build (context: the repository root):
 #   docker build -f containers/airflow.Dockerfile -t helixflow-airflow:3.3.2 .
 #   ci/build-image.sh containers/airflow.Dockerfile localhost/helixflow-airflow:3.3.2   # podman
@@ -10,7 +11,7 @@ FROM ${BASE_IMAGE}
 ARG AIRFLOW_VERSION=3.3.2
 ARG DOCKER_PROVIDER_VERSION=4.6.1
 ARG PSYCOPG2_VERSION=2.9.13
-ARG STATSD_VERSION=4.0.1
+ARG AIRFLOW_EXPORTER_VERSION=2.1.0
 ARG AIRFLOW_UID=50000
 ARG PIP_INDEX_URL=
 ARG PIP_EXTRA_INDEX_URL=
@@ -26,6 +27,7 @@ ENV LANG=C.UTF-8 \
     PATH=/opt/airflow-venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     AIRFLOW_HOME=/opt/airflow \
     AIRFLOW__CORE__DAGS_FOLDER=/opt/airflow/dags \
+    AIRFLOW__CORE__PLUGINS_FOLDER=/opt/airflow/plugins \
     AIRFLOW__CORE__LOAD_EXAMPLES=False \
     HELIXFLOW_PROFILES_DIR=/opt/airflow/profiles
 
@@ -47,10 +49,11 @@ RUN set -eu; \
     unset PIP_CONSTRAINT; \
     pip install --constraint /opt/airflow-constraints.txt \
         "apache-airflow==${AIRFLOW_VERSION}" "apache-airflow-providers-docker==${DOCKER_PROVIDER_VERSION}" \
-        "psycopg2-binary==${PSYCOPG2_VERSION}" "statsd==${STATSD_VERSION}"; \
+        "psycopg2-binary==${PSYCOPG2_VERSION}" "airflow-exporter==${AIRFLOW_EXPORTER_VERSION}"; \
     airflow version
 
 COPY airflow/dags /opt/airflow/dags
+COPY airflow/plugins /opt/airflow/plugins
 COPY config/profiles /opt/airflow/profiles
 RUN useradd --uid "${AIRFLOW_UID}" --gid 0 --home-dir /opt/airflow --shell /bin/bash airflow \
     && mkdir -p /opt/airflow/logs \

@@ -11,31 +11,22 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from airflow_helpers import (AIRFLOW, AIRFLOW_VENV, airflow_cli, airflow_env, api_server, dags_test,
+                             init_db, local_env, require_airflow)
 from conftest import PROJECT_DIR, require_service, sha256
 
 IMAGE = "localhost/helixflow:0.1.0"
-AIRFLOW_VENV = Path(os.environ.get("HELIXFLOW_AIRFLOW_VENV", PROJECT_DIR / ".venv-airflow"))
-AIRFLOW = AIRFLOW_VENV / "bin" / "airflow"
-CONF_DATE = "2025-01-02T00:00:00+00:00"
+LOCAL_STAGES = ["stage", "validate", "split", "tokenize", "embed"]
 
 pytestmark = pytest.mark.slow
-
-
-def require_airflow() -> None:
-    if not AIRFLOW.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{AIRFLOW} is required in CI (make airflow-venv)")
-        pytest.skip(f"no Airflow environment at {AIRFLOW_VENV} (make airflow-venv)")
 
 
 @pytest.fixture(scope="module")
@@ -120,21 +111,13 @@ def stack(podman, image, tmp_path_factory):
     (data / "bad.h5ad").write_text("not an h5ad file\n")
     subprocess.run(["chmod", "-R", "a+rX", root], check=True)
     results.chmod(0o777)  # the image's user (uid 1000) writes here
-    env = {**podman, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_DIR / "airflow" / "dags"),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
-           "HELIXFLOW_DOCKER_URL": podman["DOCKER_HOST"], "HELIXFLOW_DATA_DIR": str(data),
-           "HELIXFLOW_RESULTS_DIR": str(results), "HELIXFLOW_IMAGE": image, "HELIXFLOW_RETRIES": "0",
-           "HELIXFLOW_TEST_LABEL": "1", "NO_COLOR": "1"}
-    for command in (["db", "migrate"], ["pools", "set", "helixflow_gpu", "1", "GPU stages"]):
-        done = subprocess.run([AIRFLOW, *command], env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout + done.stderr
+    env = airflow_env(home, podman, AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+                      AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/airflow.db",
+                      HELIXFLOW_DOCKER_URL=podman["DOCKER_HOST"], HELIXFLOW_DATA_DIR=str(data),
+                      HELIXFLOW_RESULTS_DIR=str(results), HELIXFLOW_IMAGE=image, HELIXFLOW_RETRIES="0",
+                      HELIXFLOW_TEST_LABEL="1")
+    init_db(env)
     return {"env": env, "data": data, "results": results, "home": home}
-
-
-def dags_test(stack, conf: dict, timeout=900) -> subprocess.CompletedProcess:
-    return subprocess.run([AIRFLOW, "dags", "test", "helixflow", CONF_DATE, "-c", json.dumps(conf)],
-                          env=stack["env"], capture_output=True, text=True, timeout=timeout)
 
 
 def task_logs(stack) -> str:
@@ -144,7 +127,7 @@ def task_logs(stack) -> str:
 def test_dag_runs_the_workflow_in_containers(stack):
     before = sha256(stack["data"] / "test.h5ad")
     started = time.monotonic()
-    run = dags_test(stack, {"input": "test.h5ad", "model": "tiny", "run_name": "ok"})
+    run = dags_test(stack["env"], {"input": "test.h5ad", "model": "tiny", "run_name": "ok"})
     print(f"dags test (6 stages): {time.monotonic() - started:.0f} s", file=sys.stderr)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-6000:]
@@ -164,13 +147,13 @@ def test_dag_runs_the_workflow_in_containers(stack):
     # A second run with the same names (DAG, tasks, run name, results folder) does not conflict:
     # every container is gone, and the new ones are named after the new run id.
     assert "helixflow container: helixflow-helixflow-" in output
-    again = dags_test(stack, {"input": "test.h5ad", "model": "tiny", "run_name": "ok"})
+    again = dags_test(stack["env"], {"input": "test.h5ad", "model": "tiny", "run_name": "ok"})
     assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
     assert podman_cli(stack["env"], "ps", "-aq", "--filter", "label=helixflow.test=1").stdout.strip() == ""
 
 
 def test_failing_stage_fails_its_task_with_the_error(stack):
-    run = dags_test(stack, {"input": "bad.h5ad", "model": "tiny", "run_name": "bad"})
+    run = dags_test(stack["env"], {"input": "bad.h5ad", "model": "tiny", "run_name": "bad"})
     output = run.stdout + run.stderr + task_logs(stack)
     assert run.returncode != 0 or "failed" in output.lower()
     assert "helixflow: error: /data/bad.h5ad" in output
@@ -204,52 +187,21 @@ def test_killing_a_running_task_leaves_no_container(stack):
     assert left.stdout.strip() == "", left.stdout + output[-4000:]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_api_server_lists_the_dag_and_its_params(tmp_path):
     """A real api-server: the DAG and its params over the REST API, and a screenshot of its graph."""
     require_airflow()
-    home, port = tmp_path / "airflow-home", free_port()
-    env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_DIR / "airflow" / "dags"),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-           "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}", "NO_COLOR": "1"}
-    for command in (["db", "migrate"], ["dags", "reserialize"]):
-        done = subprocess.run([AIRFLOW, *command], env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout + done.stderr
-    errors = subprocess.run([AIRFLOW, "dags", "list-import-errors", "-o", "json"], env=env, capture_output=True, text=True)
-    assert errors.returncode == 0 and errors.stdout.strip().splitlines()[-1] == "[]", errors.stdout + errors.stderr
-    log = open(tmp_path / "api-server.log", "w")
-    server = subprocess.Popen([AIRFLOW, "api-server", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/api/v2/monitor/health", timeout=5):
-                    break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "api-server.log").read_text()[-4000:]
-                assert time.monotonic() < deadline, "api-server did not answer"
-                time.sleep(1)
-        with urllib.request.urlopen(f"{base}/auth/token", timeout=30) as response:
-            token = json.load(response)["access_token"]
-
-        def get(path):
-            request = urllib.request.Request(f"{base}{path}", headers={"Authorization": f"Bearer {token}"})
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.load(response)
-
-        dags = {dag["dag_id"] for dag in get("/api/v2/dags")["dags"]}
+    env = airflow_env(tmp_path / "airflow-home")
+    airflow_cli(env, "db", "migrate")
+    airflow_cli(env, "dags", "reserialize")
+    errors = airflow_cli(env, "dags", "list-import-errors", "-o", "json")
+    assert errors.stdout.strip().splitlines()[-1] == "[]", errors.stdout + errors.stderr
+    with api_server(env, tmp_path / "api-server.log") as server:
+        dags = {dag["dag_id"] for dag in server.get("/api/v2/dags")["dags"]}
         assert {"helixflow", "helixflow_inbox"} <= dags
-        details = get("/api/v2/dags/helixflow/details")
+        details = server.get("/api/v2/dags/helixflow/details")
         assert set(details["params"]) == {"input", "model", "stages", "run_name", "chunk_size", "workflow_profile"}
         assert "tiny" in details["params"]["model"]["schema"]["enum"]
-        tasks = [t["task_id"] for t in get("/api/v2/dags/helixflow/tasks")["tasks"]]
+        tasks = [t["task_id"] for t in server.get("/api/v2/dags/helixflow/tasks")["tasks"]]
         assert {"stage", "validate", "split", "tokenize", "embed", "report", "summary"} <= set(tasks)
 
         if shutil.which("chromium") or os.environ.get("CI") == "true":
@@ -257,17 +209,9 @@ def test_api_server_lists_the_dag_and_its_params(tmp_path):
             shot = PROJECT_DIR / "docs" / "images" / "airflow-dag-graph.png"
             shot.parent.mkdir(parents=True, exist_ok=True)
             done = subprocess.run([AIRFLOW_VENV / "bin" / "python", PROJECT_DIR / "ci" / "airflow-dag-screenshot.py",
-                                   base, "helixflow", shot], capture_output=True, text=True, timeout=180)
+                                   server.base_url, "helixflow", shot], capture_output=True, text=True, timeout=180)
             assert done.returncode == 0, done.stdout + done.stderr
             assert shot.stat().st_size > 20_000
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
 
 
 def test_local_execution_runs_the_same_stages_without_docker(tmp_path):
@@ -277,15 +221,10 @@ def test_local_execution_runs_the_same_stages_without_docker(tmp_path):
     data, results, home = tmp_path / "data", tmp_path / "results", tmp_path / "home"
     subprocess.run([helixflow, "demo-data", data / "cells.h5ad", "--cells", "300", "--seed", "4"], check=True,
                    capture_output=True)
-    env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_DIR / "airflow" / "dags"),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "HELIXFLOW_EXECUTION": "local", "HELIXFLOW_BIN": helixflow,
-           "HELIXFLOW_DATA_DIR": str(data), "HELIXFLOW_RESULTS_DIR": str(results), "HELIXFLOW_RETRIES": "0",
-           "NO_COLOR": "1"}
-    for command in (["db", "migrate"], ["pools", "set", "helixflow_gpu", "1", "GPU stages"]):
-        assert subprocess.run([AIRFLOW, *command], env=env, capture_output=True).returncode == 0
-    conf = {"input": "cells.h5ad", "model": "tiny", "stages": ["stage", "validate", "split", "tokenize", "embed"]}
-    run = subprocess.run([AIRFLOW, "dags", "test", "helixflow", CONF_DATE, "-c", json.dumps(conf)], env=env,
-                         capture_output=True, text=True, timeout=900)
+    env = local_env(home, data, results, helixflow)
+    init_db(env)
+    conf = {"input": "cells.h5ad", "model": "tiny", "stages": LOCAL_STAGES}
+    run = dags_test(env, conf)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-6000:]
     assert (results / "cells" / "embeddings" / "embeddings.h5ad").is_file()

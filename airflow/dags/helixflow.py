@@ -17,6 +17,8 @@ Settings (environment of the Airflow services; see docs/airflow.md):
   HELIXFLOW_PROFILES_DIR     model profiles (default: the repository's config/profiles)
   HELIXFLOW_SCHEDULE         cron or preset for helixflow (default: none, manual/inbox only)
   HELIXFLOW_INBOX_SCHEDULE   how often helixflow_inbox looks for new files (default */5 * * * *)
+  HELIXFLOW_PUSHGATEWAY      Prometheus Pushgateway URL handed to the stages (their step metrics); unset: none
+  HELIXFLOW_STAGE_NETWORK    Docker network of the stage containers (compose: the one of the Pushgateway)
   HELIXFLOW_RETRIES, HELIXFLOW_STAGE_TIMEOUT_MIN, HELIXFLOW_GPU_POOL, HELIXFLOW_CONTAINER_USER,
   HELIXFLOW_BIN (local mode), HELIXFLOW_CONTAINER_MODELS_DIR (default /data/models), HELIXFLOW_HOST_PROFILES_DIR (host folder of
   profiles mounted read-only at /profiles in the stage containers; default: the image's own)
@@ -81,6 +83,12 @@ def stage_limits(profile: dict, stage: str) -> dict:
     memory_mb = profile["memory_mb"][kind]
     # The step's own budget plus room for snakemake itself; shm for torch's data loaders.
     return {"mem_mb": memory_mb + 1024, "cpus": threads, "shm_mb": max(256, memory_mb // 4), "gpus": gpus}
+
+
+def stage_environment() -> dict:
+    """Environment the stages get from the Airflow services: the Pushgateway URL, when one is set."""
+    pushgateway = os.environ.get("HELIXFLOW_PUSHGATEWAY")
+    return {"HELIXFLOW_PUSHGATEWAY": pushgateway} if pushgateway else {}
 
 
 def run_name(params: dict) -> str:
@@ -159,8 +167,10 @@ if EXECUTION == "docker":
             limits = stage_limits(read_profile(params["model"]), self.stage)
             name = run_name(params)
             self.container_name = container_name(context, self.stage)
+            # cAdvisor turns these into container_label_helixflow_* labels (docs/airflow.md, Metrics).
             self.labels = {"helixflow.dag": context["dag"].dag_id, "helixflow.run_id": context["run_id"][:63],
-                           "helixflow.stage": self.stage, "helixflow.test": os.environ.get("HELIXFLOW_TEST_LABEL", "0")}
+                           "helixflow.stage": self.stage, "helixflow.run": name, "helixflow.model": params["model"],
+                           "helixflow.test": os.environ.get("HELIXFLOW_TEST_LABEL", "0")}
             self.mem_limit = f"{limits['mem_mb']}m"
             self.cpus = float(limits["cpus"])
             self.shm_size = limits["shm_mb"] * 1024 * 1024
@@ -169,7 +179,7 @@ if EXECUTION == "docker":
                 self.device_requests = [DeviceRequest(count=limits["gpus"], capabilities=[["gpu"]])]
             self.command = stage_command(params, self.stage, "/data", "/results", CONTAINER_MODELS_DIR, limits["cpus"],
                                          "/profiles" if HOST_PROFILES_DIR else None)
-            self.environment = {**(self.environment or {}), "HELIXFLOW_WORKDIR": f"/results/{name}"}
+            self.environment = {**(self.environment or {}), **stage_environment(), "HELIXFLOW_WORKDIR": f"/results/{name}"}
             self.mounts = [Mount(target="/data", source=DATA_DIR, type="bind", read_only=True),
                            Mount(target="/results", source=RESULTS_DIR, type="bind", read_only=False)]
             if HOST_PROFILES_DIR:
@@ -212,6 +222,7 @@ if EXECUTION == "docker":
             task_id=stage, stage=stage, trigger_rule="none_failed",
             docker_url=os.environ.get("HELIXFLOW_DOCKER_URL") or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
             user=os.environ.get("HELIXFLOW_CONTAINER_USER") or None, doc_md=f"`helixflow run ... --until {stage}` in the image",
+            network_mode=os.environ.get("HELIXFLOW_STAGE_NETWORK") or None,
             **extra,
         )
 else:
@@ -227,6 +238,7 @@ else:
             f"exec {shlex.quote(helixflow)} {{{{ ti.xcom_pull(task_ids='plan')['{stage}'] }}}}"
         )
         return BashOperator(task_id=stage, bash_command=script, skip_on_exit_code=99, trigger_rule="none_failed",
+                            env=stage_environment(), append_env=True,
                             pool=GPU_POOL if stage in GPU_STAGES else "default_pool")
 
 
