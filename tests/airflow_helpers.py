@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PROJECT_DIR
+from prometheus_stack import free_port
 
 AIRFLOW_VENV = Path(os.environ.get("HELIXFLOW_AIRFLOW_VENV", PROJECT_DIR / ".venv-airflow"))
 AIRFLOW = AIRFLOW_VENV / "bin" / "airflow"
@@ -31,12 +31,6 @@ def require_airflow() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{AIRFLOW} is required in CI (make airflow-venv)")
         pytest.skip(f"no Airflow environment at {AIRFLOW_VENV} (make airflow-venv)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def airflow_env(home: Path, base: dict | None = None, **settings: str) -> dict:

@@ -6,10 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,8 +13,8 @@ import pytest
 
 from helixflow.demo_data import make_demo_dataset
 from helixflow.model_files import ModelFiles, stage_synthetic
+from prometheus_stack import PROJECT_DIR, pushgateway_service  # noqa: F401 - PROJECT_DIR: for the test modules
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 def require_service(command: str, reason: str) -> None:
@@ -72,34 +68,14 @@ def restore_environment():
     os.environ.update(saved)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def pushgateway(tmp_path_factory):
-    """A Pushgateway on a free local port, stopped by PID afterwards."""
+    """A Pushgateway on a free local port (pushes kept in memory), stopped by PID afterwards."""
     require_service("prometheus-pushgateway", "step metrics are pushed to a Pushgateway")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path_factory.mktemp("pushgateway") / "pushgateway.log", "w")
-    # --persistence.file= keeps pushes in memory: Debian's default file is shared by every Pushgateway here.
-    process = subprocess.Popen(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="],
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/-/ready", timeout=2):
-                break
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, "the Pushgateway did not start"
-            time.sleep(0.1)
-    yield url
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=30)
-    log.close()
+    service = pushgateway_service()
+    service.start(tmp_path_factory.mktemp("pushgateway"))
+    yield service.url
+    service.stop()
 
 
 def pushed_groups(url: str) -> list[dict]:

@@ -127,6 +127,13 @@ class Service:
             self.process.wait()
 
 
+def pushgateway_service(port: int | None = None) -> Service:
+    """Debian's Pushgateway on 127.0.0.1; pushes kept in memory (its default file is shared by all)."""
+    port = port or free_port()
+    return Service("pushgateway", ["prometheus-pushgateway", "--persistence.file=",
+                                   f"--web.listen-address=127.0.0.1:{port}"], port)
+
+
 class PrometheusStack:
     """Prometheus with the project's config and rules, a Pushgateway and a node-exporter.
 
@@ -148,10 +155,7 @@ class PrometheusStack:
         self.workdir = Path(workdir)
         self.config = self.workdir / "prometheus.yml"
         port = {name: free_port() for name in ("prometheus", "pushgateway", "node")}
-        # Debian defaults to a shared /var/lib/prometheus/pushgateway.data: keep pushes in memory.
-        self.pushgateway = Service("pushgateway", ["prometheus-pushgateway", "--persistence.file=",
-                                                   f"--web.listen-address=127.0.0.1:{port['pushgateway']}"],
-                                   port["pushgateway"])
+        self.pushgateway = pushgateway_service(port["pushgateway"])
         # Only the collectors behind the contract's node metrics: faster, and no host-specific noise.
         self.node = Service("node-exporter", ["prometheus-node-exporter", "--collector.disable-defaults",
                                               "--collector.cpu", "--collector.meminfo",
@@ -196,6 +200,22 @@ class PrometheusStack:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+    def add_target(self, job: str, address: str, timeout: float = 30.0) -> None:
+        """Point scrape job `job` of monitoring/prometheus.yml at `address` (a server started after Prometheus).
+
+        Rewrites the config and sends SIGHUP, Prometheus's signal to reload it; returns once the
+        target is listed.
+        """
+        self.targets[job] = address
+        self.config.write_text(yaml.safe_dump(local_config(self.targets, CONFIG.parent)))
+        os.kill(self.prometheus.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while not any(target["labels"].get("job") == job
+                      for target in api_get(self.url, "/api/v1/targets")["activeTargets"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Prometheus did not load scrape job {job} (log: {self.workdir}/prometheus.log)")
+            time.sleep(0.25)
 
     def query(self, expr: str) -> list[dict]:
         """Instant query now; see `query`."""

@@ -67,16 +67,14 @@ def utc(timestamp: float) -> datetime:
 
 
 def draw(title: str, unit: str, lines: list[tuple[str, list]], window: tuple[float, float], path: Path) -> None:
-    """Write one panel: a line per series (a dot when a series has one sample) over the query window."""
-    figure = Figure(figsize=(8, 3.6), layout="constrained")
+    """Write one panel with data: a line per series (a dot when a series has one sample) over the query window."""
+    figure = Figure(figsize=(11, 4), layout="constrained")
     axes = figure.subplots()
     for name, values in lines:
         times = [utc(t) for t, _ in values]
         axes.plot(times, [float(v) for _, v in values], marker="." if len(values) == 1 else None, label=name)
-    if lines:
-        axes.legend(fontsize="small", loc="best")
-    else:
-        axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes)
+    # Beside the plot, as Grafana's legend table: many series would cover the lines.
+    axes.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1), ncols=1 + len(lines) // 14)
     # Grafana shows the dashboard's time range, not an autoscaled one (years around a lone point).
     axes.set_xlim(utc(window[0]), utc(window[1]))
     locator = AutoDateLocator()
@@ -90,7 +88,7 @@ def draw(title: str, unit: str, lines: list[tuple[str, list]], window: tuple[flo
 
 def render_panels(prometheus_url: str, dashboard: dict, out_dir: Path, start: float, end: float,
                   step: float = 15.0, values: dict[str, str] | None = None) -> list[tuple[str, str, int]]:
-    """Evaluate every panel's targets over a window and draw each panel to ``out_dir/<title>.png``.
+    """Evaluate every panel's targets over a window and draw each panel that has data to ``out_dir/<title>.png``.
 
     Parameters
     ----------
@@ -120,6 +118,7 @@ def render_panels(prometheus_url: str, dashboard: dict, out_dir: Path, start: fl
             series = query_range(prometheus_url, expr, start, end, step)
             lines += [(legend(target.get("legendFormat", ""), each["metric"]), each["values"]) for each in series]
             evaluated.append((panel["title"], expr, len(series)))
-        unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit", "")
-        draw(panel["title"], unit, lines, (start, end), out_dir / file_name(panel["title"]))
+        if lines:  # a panel without data gets no picture
+            unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit", "")
+            draw(panel["title"], unit, lines, (start, end), out_dir / file_name(panel["title"]))
     return evaluated

@@ -3,7 +3,6 @@ and an unchanged input."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from conftest import free_port, pushed_groups
+from conftest import pushed_groups
+from prometheus_stack import free_port
 
 
 def run_step(args: list[str], env: dict) -> subprocess.CompletedProcess:

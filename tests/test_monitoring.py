@@ -1,19 +1,23 @@
-"""Monitoring end to end: what the Airflow api-server's /admin/metrics/ serves after real DAG runs.
+"""Monitoring end to end, with real components only.
 
-One successful and one failed ``airflow dags test helixflow`` run (local execution, no Docker API),
-then a real api-server with airflow-exporter and airflow/plugins/helixflow_metrics.py: the metrics
-must agree with the REST API. Needs the Airflow environment (.venv-airflow, `make airflow-venv`).
+A real Prometheus (the project's config and rules), Pushgateway and node-exporter; a workflow run
+on the .test data and one successful and one failed ``airflow dags test helixflow`` run (local
+execution) pushing their step metrics; a real Airflow api-server serving airflow-exporter and
+airflow/plugins/helixflow_metrics.py, scraped by that Prometheus. Then: the counts Prometheus holds
+equal Airflow's REST API, the failed-run alert fires, and every dashboard panel's PromQL returns
+data (pictures in docs/images/monitoring/). Needs .venv-airflow (`make airflow-venv`) and Debian's
+prometheus, prometheus-pushgateway and prometheus-node-exporter.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,10 +25,12 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from airflow_helpers import AIRFLOW_VENV, ApiServer, api_server, dags_test, init_db, local_env, require_airflow
-from conftest import PROJECT_DIR
+from conftest import PROJECT_DIR, require_service
+from helixflow.demo_data import make_demo_dataset
+from prometheus_stack import PrometheusStack
+from render_panels import dashboard_targets, file_name, render_panels
 
 pytestmark = pytest.mark.slow
 
@@ -54,17 +60,8 @@ class AirflowRuns:
     def base_url(self) -> str:
         return self.server.base_url
 
-    @property
-    def metrics_url(self) -> str:
-        return f"{self.server.base_url}/admin/metrics/"
-
     def get(self, path: str):
         return self.server.get(path)
-
-    def metrics(self) -> str:
-        """The text Prometheus scrapes (no token: the endpoint is open, like any exporter)."""
-        with urllib.request.urlopen(self.metrics_url, timeout=60) as response:
-            return response.read().decode()
 
 
 def run_dag(env: dict, conf: dict) -> subprocess.CompletedProcess:
@@ -109,47 +106,6 @@ def start_airflow_runs(tmp_dir: Path, pushgateway_url: str | None = None) -> Ite
         yield AirflowRuns(server, {"home": home, "data": data, "results": results, "log": log}, env)
 
 
-@pytest.fixture(scope="module")
-def airflow_runs(tmp_path_factory) -> Iterator[AirflowRuns]:
-    with start_airflow_runs(tmp_path_factory.mktemp("airflow-runs")) as runs:
-        yield runs
-
-
-def samples(text: str, name: str) -> list:
-    """Every sample called ``name`` in a Prometheus text exposition."""
-    return [sample for family in text_string_to_metric_families(text) for sample in family.samples
-            if sample.name == name]
-
-
-def seconds(start: str, end: str) -> float:
-    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
-
-
-def test_airflow_metrics_endpoint_counts_equal_the_rest_api(airflow_runs):
-    text = airflow_runs.metrics()
-    instances = airflow_runs.get("/api/v2/dags/helixflow/dagRuns/~/taskInstances?limit=1000")["task_instances"]
-    expected = Counter((ti["task_id"], ti["state"] or "none") for ti in instances)
-    served = {(s.labels["task_id"], s.labels["status"]): s.value for s in samples(text, "airflow_task_status")
-              if s.labels["dag_id"] == "helixflow"}
-    assert served == expected
-    assert expected[("plan", "success")] == 2
-    assert sum(n for (_, state), n in expected.items() if state == "failed") >= 1
-
-    runs = airflow_runs.get("/api/v2/dags/helixflow/dagRuns?limit=100")["dag_runs"]
-    assert Counter(run["state"] for run in runs) == {"success": 1, "failed": 1}
-    counts = {s.labels["state"]: s.value for s in samples(text, "helixflow_airflow_dag_run_duration_seconds_count")
-              if s.labels["dag_id"] == "helixflow"}
-    sums = {s.labels["state"]: s.value for s in samples(text, "helixflow_airflow_dag_run_duration_seconds_sum")
-            if s.labels["dag_id"] == "helixflow"}
-    last = {s.labels["state"]: s.value for s in samples(text, "helixflow_airflow_dag_run_last_duration_seconds")
-            if s.labels["dag_id"] == "helixflow"}
-    assert counts == {"success": 1, "failed": 1}
-    for run in runs:
-        duration = seconds(run["start_date"], run["end_date"])
-        assert sums[run["state"]] == pytest.approx(duration, abs=1)
-        assert last[run["state"]] == pytest.approx(duration, abs=1)
-
-
 @pytest.mark.parametrize("url", ["http://pushgateway:9091", None])
 def test_local_stages_get_the_pushgateway_address_when_set(url):
     """HELIXFLOW_PUSHGATEWAY of the Airflow services reaches the stage processes; unset, nothing is added."""
@@ -165,3 +121,105 @@ def test_local_stages_get_the_pushgateway_address_when_set(url):
     assert done.returncode == 0, done.stderr[-3000:]
     stage_env, append = json.loads(done.stdout.strip().splitlines()[-1])
     assert stage_env == ({"HELIXFLOW_PUSHGATEWAY": url} if url else {}) and append is True
+
+
+# ---- The whole monitoring path: steps and Airflow -> Prometheus -> every dashboard panel ----
+
+DASHBOARD = PROJECT_DIR / "monitoring" / "grafana" / "dashboards" / "helixflow.json"
+PANEL_IMAGES = PROJECT_DIR / "docs" / "images" / "monitoring"
+# Sources that cannot run on the development and CI machines (docs/monitoring.md): cAdvisor
+# (no installable binary, no Docker engine), the DCGM exporter and torch's GPU memory (no GPU).
+UNAVAILABLE_HERE = re.compile(r"\bcontainer_\w+|\bDCGM_\w+|helixflow_step_peak_gpu_memory_bytes")
+
+
+@dataclass
+class Monitored:
+    stack: PrometheusStack
+    airflow: AirflowRuns
+    started: float
+    ended: float
+
+
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory) -> Iterator[Monitored]:
+    """Prometheus, Pushgateway and node-exporter; two Airflow DAG runs and a workflow run on .test data
+    pushing to them; the Airflow api-server added as a scrape target."""
+    require_service("prometheus", "the monitoring test evaluates the dashboards against a real Prometheus")
+    require_service("prometheus-pushgateway", "the workflow steps push their metrics to a Pushgateway")
+    require_service("prometheus-node-exporter", "the dashboards' node panels")
+    root = tmp_path_factory.mktemp("monitoring")
+    (root / "prometheus").mkdir()
+    with PrometheusStack(root / "prometheus") as stack:
+        started = time.time()
+        run_test_workflow(root / "test-run", stack.pushgateway_url)
+        with start_airflow_runs(root / "airflow", stack.pushgateway_url) as airflow:
+            stack.add_target("airflow", airflow.base_url.removeprefix("http://"))
+            stack.wait_for('airflow_task_status{dag_id="helixflow"}', timeout=120)
+            stack.wait_for('helixflow_workflow_success{run="test"}')
+            time.sleep(5)  # a few more scrapes and rule evaluations
+            yield Monitored(stack, airflow, started, time.time())
+
+
+def run_test_workflow(folder: Path, pushgateway: str) -> None:
+    """The .test configuration (600 cells, fine-tuning included) with its own input and outputs."""
+    make_demo_dataset(folder / "test.h5ad", 600, seed=3)
+    config = ["--configfile", ".test/config/config.yaml", "--config", f"input={folder / 'test.h5ad'}",
+              f"outdir={folder / 'results' / 'test'}", f"monitoring={{pushgateway: {pushgateway}}}"]
+    done = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *config], cwd=PROJECT_DIR,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+
+def test_prometheus_task_counts_equal_the_rest_api(monitored):
+    """Success and failure counts per task, as Prometheus has them, against Airflow's REST API."""
+    instances = monitored.airflow.get("/api/v2/dags/helixflow/dagRuns/~/taskInstances?limit=1000")["task_instances"]
+    expected = Counter((ti["task_id"], ti["state"] or "none") for ti in instances)
+    scraped = {(series["metric"]["task_id"], series["metric"]["status"]): float(series["value"][1])
+               for series in monitored.stack.query('airflow_task_status{dag_id="helixflow"}')}
+    assert scraped == expected
+    for state in ("success", "failed"):
+        served = monitored.stack.query(f'sum(airflow_task_status{{dag_id="helixflow", status="{state}"}})')
+        assert float(served[0]["value"][1]) == sum(n for (_, s), n in expected.items() if s == state) > 0
+
+
+def test_step_metrics_of_the_workflow_run_reach_prometheus(monitored):
+    per_chunk = monitored.stack.query('helixflow_step_cells{run="test", step="tokenize"}')
+    assert sorted(series["metric"]["chunk"] for series in per_chunk) == ["chunk-00000", "chunk-00001", "chunk-00002"]
+    assert {float(series["value"][1]) for series in per_chunk} == {200.0}
+    assert all(series["metric"]["model"] == "tiny" and series["metric"]["job"] == "helixflow" for series in per_chunk)
+    steps = {series["metric"]["step"] for series in monitored.stack.query('helixflow_step_success{run="test"} == 1')}
+    assert {"validate_input", "split", "tokenize", "embed", "gather", "plot_embeddings", "label_split", "finetune",
+            "evaluate", "pipeline_info"} <= steps
+    assert float(monitored.stack.query('helixflow_workflow_cells{run="test"}')[0]["value"][1]) == 600
+
+
+def test_prometheus_dag_run_durations_equal_the_rest_api(monitored):
+    runs = monitored.airflow.get("/api/v2/dags/helixflow/dagRuns?limit=100")["dag_runs"]
+    assert Counter(run["state"] for run in runs) == {"success": 1, "failed": 1}
+    for run in runs:
+        took = (datetime.fromisoformat(run["end_date"]) - datetime.fromisoformat(run["start_date"])).total_seconds()
+        selector = f'{{dag_id="helixflow", state="{run["state"]}"}}'
+        assert float(monitored.stack.query(f"helixflow_airflow_dag_run_duration_seconds_count{selector}")[0]["value"][1]) == 1
+        for name in ("helixflow_airflow_dag_run_duration_seconds_sum", "helixflow_airflow_dag_run_last_duration_seconds"):
+            assert float(monitored.stack.query(name + selector)[0]["value"][1]) == pytest.approx(took, abs=1)
+
+
+def test_failed_dag_run_alert_fires(monitored):
+    firing = monitored.stack.wait_for('ALERTS{alertname="HelixflowAirflowDagRunFailed", alertstate="firing"}')
+    assert firing[0]["metric"]["dag_id"] == "helixflow"
+
+
+def test_every_dashboard_panel_returns_data_and_is_pictured(monitored):
+    """Each panel's PromQL over the test's time window; its picture goes to docs/images/monitoring/."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    rendered = render_panels(monitored.stack.url, dashboard, PANEL_IMAGES, monitored.started, monitored.ended, step=2)
+    assert len(rendered) == len(dashboard_targets(dashboard))
+    empty = [(title, expr) for title, expr, series in rendered if series == 0 and not UNAVAILABLE_HERE.search(expr)]
+    assert not empty, empty
+    unavailable = {title for title, expr, _ in rendered if UNAVAILABLE_HERE.search(expr)}
+    assert unavailable == {"Stage container CPU", "Stage container memory", "Stage container memory / limit",
+                           "GPU utilisation", "GPU framebuffer used", "Step peak GPU memory"}
+    guide = (PROJECT_DIR / "docs" / "monitoring.md").read_text()
+    for title, _, _ in rendered:
+        if title not in unavailable:
+            assert f"images/monitoring/{file_name(title)}" in guide, title

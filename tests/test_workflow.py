@@ -84,6 +84,13 @@ def test_outputs(finished_run):
     assert (trace.loc[trace["process"] == "embed", "cells_per_s"] > 0).all()
 
 
+def test_report_holds_the_trace_and_step_figures(finished_run, tmp_path):
+    snakemake("--report", str(tmp_path / "report.html"))
+    report = (tmp_path / "report.html").read_text()
+    for name in ("execution_trace.tsv", "step_resources.png", "embedding_map.png"):
+        assert name in report, name
+
+
 def test_finetune_outputs(finished_run):
     metrics = json.loads((OUT / "evaluate" / "metrics.json").read_text())
     assert metrics["validation_cells"] == 120 and metrics["chance_accuracy"] == pytest.approx(1 / 6)

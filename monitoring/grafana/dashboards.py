@@ -82,7 +82,8 @@ def workflow_panels() -> list[timeseries.Panel]:
     """Whole runs and their steps, from the metrics every step pushes to the Pushgateway."""
     return [
         panel("Run duration", "s",
-              query(f"helixflow_workflow_duration_seconds{{{STEP}}}", "{{run}} ({{model}})")),
+              query(f"helixflow_workflow_duration_seconds{{{STEP}}}", "{{run}} ({{model}})"),
+              description="Wall time of the run's last snakemake invocation (one stage, when Airflow runs it stage by stage)."),
         panel("Run success", "short",
               query(f"helixflow_workflow_success{{{STEP}}}", "{{run}} ({{model}})"),
               description="1: the run finished OK, 0: it failed."),

@@ -33,7 +33,11 @@ rule pipeline_info:
         f"{OUTDIR}/report/embedding_map.png",
         FINETUNE_TARGETS,
     output:
-        trace=f"{OUTDIR}/pipeline_info/execution_trace.tsv",
+        trace=report(
+            f"{OUTDIR}/pipeline_info/execution_trace.tsv",
+            caption="../report/execution_trace.rst",
+            category="Resources",
+        ),
         plot=report(
             f"{OUTDIR}/report/step_resources.png",
             caption="../report/step_resources.rst",
