@@ -40,6 +40,8 @@ from helixflow.tokenization import open_tokens, tokenize_chunk
 CELLS, CHUNK_SIZE = 600, 200
 CHUNKS = [f"chunk-{index:05d}" for index in range(CELLS // CHUNK_SIZE)]
 BAD_CHUNK = "chunk-00001"
+GPU_RULES = {"embed", "finetune", "evaluate"}  # the GPU partition's, with workflow/profiles/slurm-gpu
+WHOLE_DATASET_RULES = {"validate_input", "gather", "label_split", "finetune", "evaluate"}  # read every cell
 RUN_LIMIT_S = 600  # a hung run is killed; the executor ignores SIGTERM while it polls
 
 pytestmark = pytest.mark.slow
@@ -148,8 +150,8 @@ def runs(cluster, work, pushgateway):
 def expected_request(profile: dict, rule: str, attempt: int = 1) -> dict[str, str]:
     """What a job of `rule` asks SLURM for, as workflow/rules/*.smk derive it from the profile."""
     chunk = step_resources(profile, rule, CHUNK_SIZE)
-    whole = step_resources(profile, rule, CELLS)  # validate_input and gather read every cell
-    runtime = whole["runtime"] if rule in ("validate_input", "gather") else chunk["runtime"]
+    whole = step_resources(profile, rule, CELLS)
+    runtime = whole["runtime"] if rule in WHOLE_DATASET_RULES else chunk["runtime"]
     threads = 1 if rule == "pipeline_info" else chunk["threads"]
     request = {"NumCPUs": str(threads), "MinMemoryNode": f"{chunk['mem_mb'] * attempt}M",
                "TimeLimit": f"{runtime // 60:02d}:{runtime % 60:02d}:00"}
@@ -169,18 +171,18 @@ def test_every_job_asked_for_what_the_profile_gives(runs, work, cluster):
             attempts[rule, chunk] = attempts.get((rule, chunk), 0) + 1
             asked = {key: record.get(key) for key in expected_request(profile, rule)}
             assert asked == expected_request(profile, rule, attempts[rule, chunk]), (run, rule, chunk, record)
-            gpu_partition = run == "rerun" and rule == "embed"
+            gpu_partition = run == "rerun" and rule in GPU_RULES
             assert record["Partition"] == ("gpu" if gpu_partition else "main"), (run, rule, record)
             assert re.search(rf"^JobId={record['JobId']} .*JobState={record['JobState']} ", jobcomp, re.M)
             ran.append((rule, chunk, record["JobState"]))
 
     rules = {rule for rule, _, _ in ran}
     assert rules == {"stage_model", "validate_input", "split", "tokenize", "embed", "gather",
-                     "plot_embeddings", "pipeline_info"}
+                     "plot_embeddings", "label_split", "finetune", "evaluate", "pipeline_info"}
     assert {chunk for rule, chunk, _ in ran if rule == "split"} == set(CHUNKS)
     failed = [(rule, chunk) for rule, chunk, state in ran if state != "COMPLETED"]
-    # the bad chunk's embed job and its retry (with twice the memory, checked above)
-    assert failed == [("embed", BAD_CHUNK), ("embed", BAD_CHUNK)]
+    # The jobs that read the bad chunk, each with its retry (twice the memory, checked above).
+    assert sorted(failed) == sorted([("embed", BAD_CHUNK)] * 2 + [("label_split", None)] * 2)
 
 
 def test_failed_chunk_fails_the_run_with_its_log_and_is_redone_alone(runs, work):
@@ -192,11 +194,14 @@ def test_failed_chunk_fails_the_run_with_its_log_and_is_redone_alone(runs, work)
     embedded = {rule_and_chunk(record) for record in runs["failed"][1] if record["JobState"] == "COMPLETED"}
     assert embedded == {("embed", chunk) for chunk in CHUNKS if chunk != BAD_CHUNK}
 
-    assert runs["plan"] == {"tokenize": 1, "embed": 1, "gather": 1, "plot_embeddings": 1, "pipeline_info": 1,
-                            "all": 1}
+    # The chunk's tokens are redone, and so is everything that reads them: its embedding and,
+    # through the label split, fine-tuning and evaluation.
+    assert runs["plan"] == {"tokenize": 1, "embed": 1, "gather": 1, "plot_embeddings": 1, "label_split": 1,
+                            "finetune": 1, "evaluate": 1, "pipeline_info": 1, "all": 1}
     redone = [rule_and_chunk(record) for record in runs["rerun"][1]]
     assert sorted(redone) == sorted([("tokenize", BAD_CHUNK), ("embed", BAD_CHUNK), ("gather", None),
-                                     ("plot_embeddings", None), ("pipeline_info", None)])
+                                     ("plot_embeddings", None), ("label_split", None), ("finetune", None),
+                                     ("evaluate", None), ("pipeline_info", None)])
 
 
 def test_embeddings_equal_a_direct_computation(runs, work, tmp_path):
