@@ -18,8 +18,10 @@ venv: $(VENV)/.installed
 # pins; pyproject.toml lists the packages it imports. The SLURM executor plugin 2.8.0 asks
 # for numpy>=2.4.5, which helical's numpy<2.3 rules out (it imports numpy only for its
 # optional efficiency report): it goes in without its pins too; pyproject.toml lists the rest.
+# An existing environment is updated, never recreated: another python3.11 on the PATH would
+# rewrite its pyvenv.cfg under the installed packages.
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet --no-deps helical==2.2.0
@@ -37,7 +39,7 @@ demo: venv
 # driving Debian's chromium for the DAG screenshot).
 AIRFLOW_VENV ?= .venv-airflow
 $(AIRFLOW_VENV)/.installed: containers/airflow-constraints.txt
-	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
 	$(AIRFLOW_VENV)/bin/pip install --quiet --upgrade pip
 	$(AIRFLOW_VENV)/bin/pip install --quiet --constraint containers/airflow-constraints.txt \
 		apache-airflow==3.3.2 apache-airflow-providers-docker==4.6.1 airflow-exporter==2.1.0
