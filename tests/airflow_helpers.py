@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import time
 import urllib.request
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PROJECT_DIR
-from prometheus_stack import free_port
+from prometheus_stack import free_port, stop_process_group
 
 AIRFLOW_VENV = Path(os.environ.get("HELIXFLOW_AIRFLOW_VENV", PROJECT_DIR / ".venv-airflow"))
 AIRFLOW = AIRFLOW_VENV / "bin" / "airflow"
@@ -105,16 +104,6 @@ def wait_for_health(base_url: str, server: subprocess.Popen, log_path: Path, tim
             assert server.poll() is None, log_path.read_text()[-4000:]
             assert time.monotonic() < deadline, "api-server did not answer"
             time.sleep(1)
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group started for ``process`` (its workers too), SIGKILL after 30 s."""
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 @contextlib.contextmanager

@@ -34,6 +34,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process_group(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM to the process group started for ``process`` (its workers too), SIGKILL after `timeout` s."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def api_get(base_url: str, path: str, params: dict | None = None, timeout: float = 10.0) -> dict:
     """GET a Prometheus HTTP API path and return its ``data``; raise on an error status."""
     url = f"{base_url}{path}?{urllib.parse.urlencode(params or {})}"
@@ -117,14 +127,8 @@ class Service:
 
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL it if it lingers."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None and self.process.poll() is None:
+            stop_process_group(self.process, timeout=10)
 
 
 def pushgateway_service(port: int | None = None) -> Service:

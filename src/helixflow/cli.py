@@ -499,11 +499,9 @@ def cmd_step_embed(args) -> int:
 def cmd_step_gather(args) -> int:
     from helixflow.embedding import gather_embeddings
 
-    import anndata
-
-    gather_embeddings(args.chunks, args.out, {"model_profile": args.model, "chunks": len(args.chunks)})
-    print(f"helixflow: gathered {len(args.chunks)} chunks -> {args.out}")
-    return anndata.read_h5ad(args.out, backed="r").n_obs  # obs only: X stays on disk
+    cells = gather_embeddings(args.chunks, args.out, {"model_profile": args.model, "chunks": len(args.chunks)})
+    print(f"helixflow: gathered {cells} cells from {len(args.chunks)} chunks -> {args.out}")
+    return cells
 
 
 def cmd_step_label_split(args) -> int:

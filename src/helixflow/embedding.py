@@ -151,8 +151,11 @@ def embed_chunk(
     return len(obs)
 
 
-def gather_embeddings(chunk_files: list[str | Path], out: str | Path, metadata: dict) -> Path:
-    """Concatenate per-chunk embedding files into one .h5ad, streaming (anndata's concat_on_disk)."""
+def gather_embeddings(chunk_files: list[str | Path], out: str | Path, metadata: dict) -> int:
+    """Concatenate per-chunk embedding files into one .h5ad, streaming (anndata's concat_on_disk).
+
+    Returns the number of cells gathered.
+    """
     with atomic_path(out) as partial:
         # Paths, not str: with a single chunk anndata 0.12.19 copies the file and calls in_file.is_dir().
         concat_on_disk([Path(path) for path in chunk_files], Path(partial))
@@ -160,4 +163,5 @@ def gather_embeddings(chunk_files: list[str | Path], out: str | Path, metadata: 
             if "uns" in handle:  # concat_on_disk may leave it without anndata's encoding attributes
                 del handle["uns"]
             write_elem(handle, "uns", {"helixflow": metadata})
-    return Path(out)
+            cells = handle["obsm"][EMBEDDING_KEY].shape[0]
+    return cells
