@@ -83,6 +83,6 @@ def test_no_vocabulary_gene_is_an_error(tiny_v1, dataset):
     var = ad.read_h5ad(dataset, backed="r").var.copy()
     var["ensembl_id"] = [f"GENE{i}" for i in range(len(var))]
     with pytest.raises(HelixflowError, match="no gene of var\\['ensembl_id'\\].*vocabulary"):
-        CellTokenizer(tiny_v1, var, path=dataset)
+        CellTokenizer(tiny_v1, var, "ensembl_id", path=dataset)
     with pytest.raises(HelixflowError, match="no gene id column 'gene_ids'"):
         CellTokenizer(tiny_v1, var, "gene_ids", path=dataset)

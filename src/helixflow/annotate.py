@@ -38,7 +38,7 @@ def annotate(
     device: str = "auto",
     precision: str = "fp32",
     threads: int | None = None,
-    gene_id_column: str = "ensembl_id",
+    gene_id_column: str = "auto",
     symbol_map: dict[str, str] | None = None,
 ) -> tuple[pd.DataFrame, str]:
     """Write ``out`` (.h5ad): the input's ``obs`` with predicted labels and probabilities.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shlex
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from helixflow.errors import HelixflowError
 from helixflow.profiles import PROJECT_DIR
+from helixflow.step_logs import report_failed_step
 
 SNAKEFILE = PROJECT_DIR / "workflow" / "Snakefile"
 DEFAULT_CONFIG = PROJECT_DIR / "config" / "config.yaml"
@@ -49,6 +51,7 @@ def _run_measured_step(args) -> int:
     """A workflow step: its handler returns the cells it processed; helixflow.metrics reports the rest."""
     from helixflow.metrics import step_metrics
 
+    logging.basicConfig(level=logging.INFO, format="helixflow: %(message)s", stream=sys.stderr)  # the step's log
     with step_metrics(args.metrics_step, getattr(args, "chunk_name", None) or "all") as record:
         record.cells = args.handler(args)
     return 0
@@ -74,8 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chunk-size", type=int, help="cells per chunk (one job each); default from the config")
     run.add_argument("--models-dir", type=Path, help="where staged model files live; default from the config")
     run.add_argument("--profiles-dir", type=Path, help="folder of model profiles; default: the built-in ones")
-    run.add_argument("--gene-id-column", help="var column with Ensembl ids, or 'index'; default: ensembl_id")
-    run.add_argument("--gene-symbol-map", type=Path, help="two-column table mapping gene symbols to Ensembl ids")
+    run.add_argument("--counts-source", help="where raw counts are: X, raw (.raw) or layers/NAME; default: auto "
+                     "(X, or a layer or .raw holding integer counts when X is normalised)")
+    run.add_argument("--gene-id-column", help="var column with Ensembl ids or gene symbols, or 'index' for var_names; "
+                     "default: auto (ensembl_id, var_names, gene_ids, feature_id, gene_id, then symbol columns)")
+    run.add_argument("--gene-symbol-map", type=Path, help="two-column table mapping gene symbols to Ensembl ids "
+                     "(applied before the model's own ensembl_mapping_dict.pkl)")
+    run.add_argument("--allow-any-values", action="store_true",
+                     help="rank negative or non-integer values as they are (NaN and infinite values are refused anyway)")
     run.add_argument("--label-column", help="obs column to colour the embedding map by and fine-tune on; default: cell_type")
     run.add_argument("--annotate", type=Path, help="another .h5ad to label with the fine-tuned model")
     run.add_argument("--configfile", type=Path, default=DEFAULT_CONFIG, help="base config file; default: the built-in one")
@@ -151,8 +160,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_gene_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gene-id-column", default="ensembl_id")
-    parser.add_argument("--gene-symbol-map", type=Path)
+    parser.add_argument("--gene-id-column", default="auto", help="var column with gene ids or symbols, 'index' or 'auto'")
+    parser.add_argument("--gene-symbol-map", type=Path, help="two-column table: gene symbol, Ensembl id")
 
 
 def _add_inference_args(parser: argparse.ArgumentParser) -> None:
@@ -177,6 +186,8 @@ def _add_step_parsers(commands) -> None:
     raw = validate.add_mutually_exclusive_group()
     raw.add_argument("--require-raw-counts", dest="raw", action="store_true", default=True)
     raw.add_argument("--allow-any-values", dest="raw", action="store_false")
+    validate.add_argument("--counts-source", default="auto", help="X, raw, layers/NAME or auto")
+    validate.add_argument("--label-column", help="obs column of labels (its presence is reported)")
     validate.set_defaults(handler=cmd_step_validate, metrics_step="validate_input")
 
     split = steps.add_parser("split", help="write cells START:STOP of a dataset to a chunk file")
@@ -184,6 +195,7 @@ def _add_step_parsers(commands) -> None:
     split.add_argument("out", type=Path)
     split.add_argument("--start", type=int, required=True)
     split.add_argument("--stop", type=int, required=True)
+    split.add_argument("--input-check", type=Path, help="the validate step's summary: counts are read from its counts_source")
     _add_chunk_arg(split)
     split.set_defaults(handler=cmd_step_split, metrics_step="split")
 
@@ -280,7 +292,7 @@ def cmd_run(args) -> int:
     from helixflow.profiles import load_profile
 
     # Check what snakemake would otherwise report inside a traceback.
-    layout = inspect_h5ad(args.input)
+    layout = inspect_h5ad(args.input, args.counts_source or "auto")
     profile = load_profile(args.model, args.profiles_dir)
     if args.until == "stage" and _is_staged(profile, args.models_dir, args.configfile):
         # The workflow has no stage_model job for a staged model: nothing to do.
@@ -288,7 +300,8 @@ def cmd_run(args) -> int:
         return 0
     overrides = {"input": args.input, "outdir": args.out, "model": args.model, "chunk_size": args.chunk_size,
                  "models_dir": args.models_dir, "profiles_dir": args.profiles_dir, "gene_id_column": args.gene_id_column,
-                 "gene_symbol_map": args.gene_symbol_map, "label_column": args.label_column}
+                 "gene_symbol_map": args.gene_symbol_map, "label_column": args.label_column,
+                 "counts_source": args.counts_source, "require_raw_counts": False if args.allow_any_values else None}
     config = [f"{key}={value}" for key, value in overrides.items() if value is not None]
     if args.annotate:
         inspect_h5ad(args.annotate)
@@ -326,6 +339,7 @@ def _run_snakemake(command: list[str], config: list[str], args, environment_path
     if result.returncode != 0:
         print(f"helixflow: error: the workflow failed (snakemake exit {result.returncode}); "
               f"see the log named above, or rerun the same command to resume", file=sys.stderr)
+        report_failed_step(args.out, since=time.time() - (time.monotonic() - started))
         return result.returncode
     if args.dry_run:
         return 0
@@ -462,7 +476,8 @@ def cmd_step_validate(args) -> int:
     from helixflow.split import validate_input
 
     _, files = _model_files(args)
-    summary = validate_input(args.input, files, args.out, args.gene_id_column, _symbol_map(args), args.raw)
+    summary = validate_input(args.input, files, args.out, args.gene_id_column, _symbol_map(args), args.raw,
+                             args.counts_source, args.label_column)
     print(json.dumps(summary))
     return summary["cells"]
 
@@ -470,7 +485,8 @@ def cmd_step_validate(args) -> int:
 def cmd_step_split(args) -> int:
     from helixflow.split import split_chunk
 
-    split_chunk(args.input, args.out, args.start, args.stop)
+    counts = json.loads(args.input_check.read_text())["counts_source"] if args.input_check else "X"
+    split_chunk(args.input, args.out, args.start, args.stop, counts)
     print(f"helixflow: cells {args.start}:{args.stop} -> {args.out}")
     return args.stop - args.start
 

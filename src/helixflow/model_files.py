@@ -176,8 +176,11 @@ def stage_synthetic(
     token_dictionary = {name: i for i, name in enumerate(special)}
     token_dictionary.update({gene: len(special) + i for i, gene in enumerate(ids)})
     medians = dict(zip(ids, synthetic.gene_medians(n_genes)))
-    # Real mapping dictionaries also map lower-case and retired ids; identity is their core.
+    # Geneformer's ensembl_mapping_dict keys upper-case gene symbols as well as (current and
+    # retired) Ensembl ids, all to current Ensembl ids; helical's tokenizer looks up
+    # var.ensembl_id.str.upper() in it. Same layout here: ids to themselves, symbols to ids.
     mapping = {gene: gene for gene in ids}
+    mapping.update({symbol.upper(): gene for symbol, gene in zip(synthetic.gene_symbols(n_genes), ids)})
 
     torch.manual_seed(seed)
     config = BertConfig(**{k: v for k, v in architecture.items() if k not in ("architectures", "model_type")})

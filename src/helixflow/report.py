@@ -30,8 +30,10 @@ def plot_embedding_map(
 ) -> dict:
     """Draw a UMAP of (a random subsample of) the embeddings, coloured by ``label``.
 
-    Also writes a JSON summary: cells, cells without embedding, and the silhouette score of
-    ``label`` in embedding space (how well the embeddings separate the labels).
+    Without ``label`` (unlabelled data) the map is coloured by k-means clusters of the
+    embeddings (:func:`embedding_clusters`). Also writes a JSON summary: cells, cells without
+    embedding, what colours the map, and the silhouette score of ``label`` in embedding space
+    (how well the embeddings separate the labels).
     """
     import anndata as ad
     import scanpy as sc
@@ -54,11 +56,17 @@ def plot_embedding_map(
     sample = ad.AnnData(obsm={EMBEDDING_KEY: embeddings[finite]})
     sample.obs_names = [str(r) for r in rows[finite]]
     if labels is not None:
+        colour, colour_title = label, label
         sample.obs[label] = pd.Categorical(labels[finite].astype(str))
+    else:
+        colour, clusters = "cluster", embedding_clusters(sample.obsm[EMBEDDING_KEY], seed)
+        colour_title = f"k-means cluster (k={clusters.categories.size})"
+        sample.obs[colour] = clusters
     sc.pp.neighbors(sample, use_rep=EMBEDDING_KEY, n_neighbors=min(15, max(2, sample.n_obs - 1)), random_state=seed)
     sc.tl.umap(sample, random_state=seed)
 
-    summary = {"cells": int(n_cells), "cells_plotted": int(finite.sum()), "cells_without_embedding_in_sample": int((~finite).sum())}
+    summary = {"cells": int(n_cells), "cells_plotted": int(finite.sum()), "cells_without_embedding_in_sample": int((~finite).sum()),
+               "coloured_by": label if labels is not None else f"{colour_title} of the embeddings (no labels)"}
     if labels is not None and sample.obs[label].nunique() > 1:
         scored = min(sample.n_obs, 5_000)
         points, truth = sample.obsm[EMBEDDING_KEY][:scored], sample.obs[label].to_numpy()[:scored]
@@ -69,14 +77,13 @@ def plot_embedding_map(
             summary["knn_label_accuracy"] = float(cross_val_score(KNeighborsClassifier(15), points, truth, cv=folds).mean())
     figure, axes = plt.subplots(figsize=(7, 6))
     coords = sample.obsm["X_umap"]
-    if labels is not None:
-        for name in sample.obs[label].cat.categories:
-            mask = (sample.obs[label] == name).to_numpy()
-            axes.scatter(coords[mask, 0], coords[mask, 1], s=4, label=name)
-        axes.legend(markerscale=3, fontsize=8, title=label, loc="best")
-    else:
-        axes.scatter(coords[:, 0], coords[:, 1], s=4)
+    for name in sample.obs[colour].cat.categories:
+        mask = (sample.obs[colour] == name).to_numpy()
+        axes.scatter(coords[mask, 0], coords[mask, 1], s=4, label=name)
+    axes.legend(markerscale=3, fontsize=8, title=colour_title, loc="best")
     title = f"Geneformer embeddings, {summary['cells_plotted']:,} of {n_cells:,} cells"
+    if labels is None:
+        title += "\nno cell labels: coloured by k-means clusters of the embeddings"
     if "knn_label_accuracy" in summary:
         title += f"\n{label} of 15 nearest neighbours agrees for {summary['knn_label_accuracy']:.0%} of cells"
     axes.set(title=title, xlabel="UMAP 1", ylabel="UMAP 2", xticks=[], yticks=[])
@@ -86,6 +93,29 @@ def plot_embedding_map(
     with atomic_path(out_json) as partial:
         partial.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def embedding_clusters(points: np.ndarray, seed: int = 0, max_clusters: int = 10, scored: int = 5_000) -> pd.Categorical:
+    """k-means clusters of embeddings, the number of clusters chosen by silhouette score.
+
+    k runs from 2 to ``max_clusters``; each k is scored on the first ``scored`` points (the
+    sample is already random). Fewer than 3 points make one cluster.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    if len(points) < 3:
+        return pd.Categorical(["1"] * len(points))
+    best_score, best = -2.0, np.zeros(len(points), dtype=int)
+    for k in range(2, min(max_clusters, len(points) - 1) + 1):
+        assigned = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(points)
+        if len(np.unique(assigned[:scored])) < 2:
+            continue
+        score = silhouette_score(points[:scored], assigned[:scored])
+        if score > best_score:
+            best_score, best = score, assigned
+    names = [str(code + 1) for code in best]
+    return pd.Categorical(names, categories=sorted(set(names), key=int))
 
 
 def collect_trace(benchmarks_dir: str | Path, metrics_dir: str | Path) -> pd.DataFrame:

@@ -15,7 +15,8 @@ Both sort each cell with numpy's default ``argsort``; only where dataset genes a
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -34,6 +35,14 @@ TARGET_SUM = 10_000.0
 ARROW_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("length", pa.int32())])
 
 
+ENSEMBL_ID = re.compile(r"^(ENS[A-Z]*G\d{11})(\.\d+)?$")  # human ENSG..., mouse ENSMUSG...; optional .version
+# Where public datasets keep gene ids and symbols, most common first (var_names is "index").
+ID_COLUMNS = ("ensembl_id", "index", "gene_ids", "feature_id", "gene_id")
+SYMBOL_COLUMNS = ("index", "feature_name", "gene_symbols", "gene_symbol", "gene_name", "symbol")
+ENSEMBL_SHARE = 0.5  # a column is taken as Ensembl ids when at least this share of it looks like them
+GENE_ID_OPTION = "gene_id_column (helixflow run --gene-id-column COLUMN, or 'index' for var_names)"
+
+
 @dataclass(frozen=True)
 class GeneMapping:
     """How a dataset's genes (columns of ``X``) map onto a model's vocabulary.
@@ -48,12 +57,43 @@ class GeneMapping:
         Non-zero median of each kept gene.
     merges_genes
         Whether several dataset genes map to one Ensembl id (their counts are then summed).
+    report
+        What was used and how many genes matched (:func:`resolve_gene_ids`, plus the matches).
     """
 
     kept_column: np.ndarray
     tokens: np.ndarray
     medians: np.ndarray
     merges_genes: bool
+    report: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GeneIds:
+    """The Ensembl id of each dataset gene, and where each came from.
+
+    Attributes
+    ----------
+    ids
+        Ensembl id per gene, version suffix stripped (``None`` where there is none).
+    sources
+        Per gene: ``"ensembl id"``, ``"gene_symbol_map"``, ``"model mapping"`` or ``""``.
+    column
+        The ``var`` column read (``"index"`` for ``var_names``).
+    kind
+        ``"ensembl"`` or ``"symbol"``: what that column holds.
+    detected
+        Whether ``column`` was detected (``gene_id_column: auto``) rather than given.
+    versions_stripped
+        How many ids lost a version suffix (``ENSG00000123456.7``).
+    """
+
+    ids: np.ndarray
+    sources: np.ndarray
+    column: str
+    kind: str
+    detected: bool
+    versions_stripped: int
 
 
 def read_symbol_map(path: str | Path) -> dict[str, str]:
@@ -70,48 +110,136 @@ def read_symbol_map(path: str | Path) -> dict[str, str]:
     return dict(zip(table.iloc[:, 0], table.iloc[:, 1]))
 
 
-def dataset_gene_ids(var: pd.DataFrame, gene_id_column: str, symbol_map: dict[str, str] | None, path: Path) -> pd.Series:
-    """Return the Ensembl id of each dataset gene (``None`` where there is none)."""
-    if gene_id_column == "index":
-        genes = pd.Series(var.index.astype(str), index=var.index)
-    elif gene_id_column in var.columns:
-        genes = var[gene_id_column].astype("string").fillna("")
+def _column_values(var: pd.DataFrame, column: str) -> np.ndarray:
+    values = var.index if column == "index" else var[column]
+    return np.asarray(pd.Series(values).astype("string").fillna("").str.strip(), dtype=object)
+
+
+def _ensembl_share(values: np.ndarray) -> float:
+    return float(np.mean([bool(ENSEMBL_ID.match(value.upper())) for value in values])) if len(values) else 0.0
+
+
+def _symbol_matches(values: np.ndarray, symbol_map: dict[str, str] | None, ensembl_mapping: dict) -> int:
+    return sum(bool(value) and ((symbol_map is not None and value in symbol_map) or value.upper() in ensembl_mapping)
+               for value in values)
+
+
+def detect_gene_column(var: pd.DataFrame, symbol_map: dict[str, str] | None, ensembl_mapping: dict,
+                       path: Path = Path("input")) -> tuple[str, str]:
+    """Find the ``var`` column with gene ids: ``(column, kind)``, ``kind`` ``"ensembl"`` or ``"symbol"``.
+
+    Ensembl ids are looked for first, in :data:`ID_COLUMNS` order (``ensembl_id``, ``var_names``,
+    10x's ``gene_ids``, CELLxGENE's ``feature_id``, ``gene_id``); failing those, the symbol column
+    (of :data:`SYMBOL_COLUMNS`) of which the model's mapping dictionary and ``symbol_map`` know
+    the most genes.
+    """
+    present = [column for column in ID_COLUMNS if column == "index" or column in var.columns]
+    for column in present:
+        if _ensembl_share(_column_values(var, column)) >= ENSEMBL_SHARE:
+            return column, "ensembl"
+    candidates = [column for column in SYMBOL_COLUMNS if column == "index" or column in var.columns]
+    candidates += [column for column in var.columns if column not in candidates and column not in ID_COLUMNS
+                   and pd.api.types.is_string_dtype(var[column].astype("string"))
+                   and not pd.api.types.is_numeric_dtype(var[column])]
+    scored = [(_symbol_matches(_column_values(var, column), symbol_map, ensembl_mapping), column) for column in candidates]
+    best_score, best = max(scored, key=lambda item: item[0]) if scored else (0, None)
+    if best is None or best_score == 0:
+        columns = ", ".join(map(str, var.columns)) or "none"
+        example = ", ".join(map(str, var.index[:3]))
+        raise HelixflowError(
+            path,
+            f"found no gene ids: neither var_names (e.g. {example}) nor a var column (columns: {columns}) holds "
+            "Ensembl ids (ENSG...) or gene symbols that the model's ensembl_mapping_dict.pkl or a gene_symbol_map knows; "
+            f"set {GENE_ID_OPTION}, or give a symbol table with gene_symbol_map (--gene-symbol-map)",
+        )
+    return best, "symbol"
+
+
+def resolve_gene_ids(
+    var: pd.DataFrame,
+    ensembl_mapping: dict,
+    gene_id_column: str = "auto",
+    symbol_map: dict[str, str] | None = None,
+    path: Path = Path("input"),
+) -> GeneIds:
+    """Return the Ensembl id of each dataset gene, read from ``gene_id_column`` (or the detected one).
+
+    An Ensembl id is taken as it is, less any version suffix. Anything else is a symbol: mapped
+    by ``symbol_map`` (the user's table) when it lists it, else by the model's own
+    ``ensembl_mapping_dict.pkl`` (Geneformer's dictionary keys gene symbols as well as ids,
+    upper-case, as helical's tokenizer reads it).
+    """
+    if gene_id_column == "auto":
+        column, kind = detect_gene_column(var, symbol_map, ensembl_mapping, path)
+        detected = True
+    elif gene_id_column == "index" or gene_id_column in var.columns:
+        column, detected = gene_id_column, False
+        values = _column_values(var, column)
+        kind = "ensembl" if _ensembl_share(values) >= ENSEMBL_SHARE else "symbol"
     else:
         columns = ", ".join(map(str, var.columns)) or "none"
         raise HelixflowError(
             path,
-            f"no gene id column '{gene_id_column}' in var (columns: {columns}); "
-            "set gene_id_column in the config, or 'index' for var_names",
+            f"no gene id column '{gene_id_column}' in var (columns: {columns}); set {GENE_ID_OPTION}, "
+            "or 'auto' to detect it",
         )
-    if symbol_map is not None:
-        genes = genes.map(symbol_map)
-    return genes
+    values = _column_values(var, column)
+    ids = np.full(len(values), None, dtype=object)
+    sources = np.full(len(values), "", dtype=object)
+    stripped = 0
+    for i, value in enumerate(values):
+        if symbol_map is not None and value in symbol_map and isinstance(symbol_map[value], str):
+            value, source = symbol_map[value], "gene_symbol_map"
+        else:
+            source = "ensembl id"
+        match = ENSEMBL_ID.match(value.upper())
+        if match:
+            ids[i], sources[i] = match.group(1), source
+            stripped += bool(match.group(2))
+        elif value and value.upper() in ensembl_mapping:
+            ids[i], sources[i] = ensembl_mapping[value.upper()], "model mapping"
+    return GeneIds(ids, sources, column, kind, detected, stripped)
 
 
 def map_genes(
     var: pd.DataFrame,
     dictionaries: tuple[dict, dict, dict],
     model_name: str,
-    gene_id_column: str = "ensembl_id",
+    gene_id_column: str = "auto",
     symbol_map: dict[str, str] | None = None,
     path: Path = Path("input"),
 ) -> GeneMapping:
     """Map a dataset's genes to a model's vocabulary, as helical's tokenizer does.
 
     ``dictionaries`` are the model's token, gene-median and Ensembl-mapping dictionaries.
+    Ensembl ids pass through the mapping dictionary too (it maps retired ids to current ones).
     """
     token_dictionary, medians, ensembl_mapping = dictionaries
-    ids = dataset_gene_ids(var, gene_id_column, symbol_map, path)
-    mapped = [ensembl_mapping.get(str(gene).upper()) if isinstance(gene, str) else None for gene in ids]
+    genes = resolve_gene_ids(var, ensembl_mapping, gene_id_column, symbol_map, path)
+    mapped = [ensembl_mapping.get(gene) if gene is not None else None for gene in genes.ids]
     mapped = [gene if gene in token_dictionary and gene in medians else None for gene in mapped]
     kept = sorted({gene for gene in mapped if gene is not None}, key=token_dictionary.get)
+    described = "var_names" if genes.column == "index" else f"var['{genes.column}']"
     if not kept:
-        example = ", ".join(map(str, ids.iloc[:3]))
+        example = ", ".join(map(str, _column_values(var, genes.column)[:3]))
         raise HelixflowError(
             path,
-            f"no gene of var['{gene_id_column}'] (e.g. {example}) is in the vocabulary of model "
-            f"{model_name}; genes must be human Ensembl ids (ENSG...), or give gene_symbol_map",
+            f"no gene of {described} (e.g. {example}) is in the vocabulary of model {model_name}; genes must be "
+            f"human Ensembl ids (ENSG...) or symbols the model's mapping knows: set {GENE_ID_OPTION}, "
+            "or give gene_symbol_map (--gene-symbol-map)",
         )
+    in_vocabulary = np.array([gene is not None for gene in mapped])
+    matched_by = pd.Series(genes.sources[in_vocabulary]).value_counts()
+    report = {
+        "column": described,
+        "holds": "Ensembl ids" if genes.kind == "ensembl" else "gene symbols",
+        "detected": genes.detected,
+        "version_suffixes_stripped": genes.versions_stripped,
+        "genes": len(var),
+        "in_vocabulary": int(in_vocabulary.sum()),
+        "share_in_vocabulary": round(float(in_vocabulary.mean()), 4),
+        "matched_by": {MAPPING_SOURCES[source]: int(n) for source, n in matched_by.items()},
+    }
     column_of = {gene: i for i, gene in enumerate(kept)}
     kept_column = np.array([column_of[gene] if gene is not None else -1 for gene in mapped], dtype=np.int64)
     return GeneMapping(
@@ -119,7 +247,15 @@ def map_genes(
         tokens=np.array([token_dictionary[gene] for gene in kept], dtype=np.int32),
         medians=np.array([medians[gene] for gene in kept], dtype=np.float64),
         merges_genes=bool(np.count_nonzero(kept_column >= 0) > len(kept)),
+        report=report,
     )
+
+
+MAPPING_SOURCES = {
+    "ensembl id": "Ensembl id in the dataset",
+    "gene_symbol_map": "gene_symbol_map (user table)",
+    "model mapping": "symbol via the model's ensembl_mapping_dict.pkl",
+}
 
 
 def keep_vocabulary_genes(counts: sp.csr_matrix, mapping: GeneMapping) -> sp.csr_matrix:
@@ -218,17 +354,17 @@ class CellTokenizer:
     var
         The dataset's gene table.
     gene_id_column
-        Column of ``var`` with Ensembl ids (or symbols, with ``symbol_map``); ``"index"``
-        for ``var_names``.
+        Column of ``var`` with Ensembl ids or gene symbols; ``"index"`` for ``var_names``;
+        ``"auto"`` to detect it (:func:`detect_gene_column`).
     symbol_map
-        Optional symbol-to-Ensembl table, applied to that column.
+        Optional symbol-to-Ensembl table (the user's), applied before the model's own mapping.
     path
         The dataset, named in error messages.
     threads
         Threads that rank cells in parallel.
     """
 
-    def __init__(self, files: ModelFiles, var: pd.DataFrame, gene_id_column: str = "ensembl_id",
+    def __init__(self, files: ModelFiles, var: pd.DataFrame, gene_id_column: str = "auto",
                  symbol_map: dict[str, str] | None = None, path: Path = Path("input"), threads: int = 1) -> None:
         facts = model_facts(files.model_name)
         dictionaries = files.load_dictionaries()
@@ -267,7 +403,7 @@ def tokenize_chunk(
     chunk_path: str | Path,
     files: ModelFiles,
     out: str | Path,
-    gene_id_column: str = "ensembl_id",
+    gene_id_column: str = "auto",
     symbol_map: dict[str, str] | None = None,
     block_cells: int = 2_048,
     threads: int = 1,

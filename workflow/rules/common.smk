@@ -1,9 +1,10 @@
 # Run-wide values computed once at parse time: the model profile, the chunks, the paths.
 import os
+import sys
 import time
 from pathlib import Path
 
-from helixflow.h5ad import chunk_bounds, inspect_h5ad
+from helixflow.h5ad import chunk_bounds, inspect_h5ad, obs_has_column
 from helixflow.metrics import push_workflow
 from helixflow.model_files import ModelFiles, model_facts
 from helixflow.profiles import load_profile, step_resources
@@ -18,13 +19,24 @@ MODEL_READY = str(MODEL_FILES.model_dir / "config.json")
 # is a plain input: stage_model exists only to stage a missing one.
 MODEL_STAGED = os.path.isfile(MODEL_READY)
 # Reads only the file's header: a bad input fails here, before any output exists.
-LAYOUT = inspect_h5ad(config["input"])
+# (With counts_source auto, validate_input chooses the source; every source has obs's cells.)
+LAYOUT = inspect_h5ad(config["input"], config["counts_source"])
 CHUNK_BOUNDS = {
     f"chunk-{index:05d}": bounds
     for index, bounds in enumerate(chunk_bounds(LAYOUT.n_cells, config["chunk_size"]))
 }
 CHUNKS = list(CHUNK_BOUNDS)
-FINETUNE = bool(config["finetune"]["enabled"] and config["label_column"])
+# Unlabelled data is a normal run: without the label column, embeddings and the map only.
+LABELLED = bool(config["label_column"]) and obs_has_column(
+    config["input"], config["label_column"]
+)
+FINETUNE = bool(config["finetune"]["enabled"] and LABELLED)
+if config["finetune"]["enabled"] and config["label_column"] and not LABELLED:
+    print(
+        f"helixflow: obs of {config['input']} has no column '{config['label_column']}': "
+        "fine-tuning skipped (set label_column to fine-tune on another column)",
+        file=sys.stderr,
+    )
 ANNOTATE_INPUT = config["annotate"]["input"]
 if ANNOTATE_INPUT and not FINETUNE:
     raise ValueError(

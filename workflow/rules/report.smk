@@ -21,7 +21,8 @@ rule plot_embeddings:
         mem_mb=resources_of("plot_embeddings")["mem_mb"],
         runtime=resources_of("plot_embeddings")["runtime"],
     params:
-        label=f"--label {config['label_column']}" if config["label_column"] else "",
+        # Without labels the map is coloured by clusters of the embeddings.
+        label=f"--label {config['label_column']!r}" if LABELLED else "",
         max_cells=config["report"]["max_cells_plotted"],
     shell:
         "helixflow step plot {input} {output.plot} {output.summary} {params.label} --max-cells {params.max_cells} > {log} 2>&1"

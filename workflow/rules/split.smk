@@ -24,8 +24,11 @@ rule validate_input:
             if config["require_raw_counts"]
             else "--allow-any-values"
         ),
+        counts=config["counts_source"],
+        label=f"--label-column {config['label_column']!r}" if config["label_column"] else "",
     shell:
-        "helixflow step validate {input.h5ad} {output} {params.model} {params.genes} {params.raw} > {log} 2>&1"
+        "helixflow step validate {input.h5ad} {output} {params.model} {params.genes} {params.raw}"
+        " --counts-source {params.counts:q} {params.label} > {log} 2>&1"
 
 
 rule split:
@@ -50,4 +53,5 @@ rule split:
         start=lambda wildcards: CHUNK_BOUNDS[wildcards.chunk][0],
         stop=lambda wildcards: CHUNK_BOUNDS[wildcards.chunk][1],
     shell:
-        "helixflow step split {input.h5ad} {output} --start {params.start} --stop {params.stop} --chunk-name {wildcards.chunk} > {log} 2>&1"
+        "helixflow step split {input.h5ad} {output} --start {params.start} --stop {params.stop}"
+        " --input-check {input.check} --chunk-name {wildcards.chunk} > {log} 2>&1"
