@@ -44,6 +44,9 @@ def test_tiny_model_has_real_layout(tiny_v1, tiny_v2):
         assert tokens["<pad>"] == 0 and tokens["<mask>"] == 1
         genes = [key for key in tokens if not key.startswith("<")]
         assert set(genes) == set(medians) and all(mapping[g] == g for g in genes)
+        # As Geneformer's ensembl_mapping_dict: upper-case gene symbols map to Ensembl ids too.
+        symbols = [key for key in mapping if not key.startswith("ENS")]
+        assert len(symbols) == len(genes) and mapping["SYN1"] == genes[0] and all(mapping[s] in medians for s in symbols)
     assert "<cls>" in tiny_v2.load_dictionaries()[0] and "<cls>" not in tiny_v1.load_dictionaries()[0]
 
 

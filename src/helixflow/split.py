@@ -126,7 +126,7 @@ def check_values(path: Path, block: sp.csr_matrix, first_row: int, source: str, 
         return
     kind, position = problem
     row = first_row + int(np.searchsorted(block.indptr, position, side="right") - 1)
-    where = f"{counts_key(source)} holds {kind} values (e.g. {block.data[position]} in cell row {row})"
+    where = f"{counts_key(source)} holds {kind} values (e.g. {block.data[position]:.4g} in cell row {row})"
     if kind in ("NaN", "infinite"):
         advice = ("counts cannot be NaN or infinite, and helixflow does not guess them: fix or drop those cells, "
                   f"or read raw counts from another source with {COUNTS_OPTION}")
