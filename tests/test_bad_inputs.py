@@ -147,6 +147,24 @@ def test_public_convention_gives_canonical_tokens(convention, canonical, canonic
     assert sha256(path) == before
 
 
+def test_few_vocabulary_genes_is_a_warning(canonical, tiny_v1, tmp_path, caplog):
+    """The validate step (the front door adds nothing here): a share below one half is reported."""
+    from helixflow.split import validate_input
+
+    adata = canonical.copy()
+    ids = adata.var["ensembl_id"].to_numpy().copy()
+    ids[:1000] = [f"ENSG77{i:09d}" for i in range(1000)]  # genes of no model vocabulary
+    adata.var["ensembl_id"] = ids
+    path = tmp_path / "mostly_foreign.h5ad"
+    adata.write_h5ad(path)
+    with caplog.at_level("WARNING", logger="helixflow.split"):
+        summary = validate_input(path, tiny_v1, tmp_path / "check.json")
+    assert summary["gene_ids"]["in_vocabulary"] == 600 and summary["gene_ids"]["share_in_vocabulary"] == round(600 / 1640, 4)
+    assert "only 600 of 1,640 genes (37%)" in summary["warnings"][0]
+    assert "only 600 of 1,640 genes" in caplog.text
+    assert json.loads((tmp_path / "check.json").read_text())["warnings"] == summary["warnings"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Unlabelled data: a first-class run. Partly labelled data: unlabelled cells embedded, not trained on.
 

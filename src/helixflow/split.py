@@ -22,6 +22,7 @@ from helixflow.tokenization import CellTokenizer
 
 BLOCK_CELLS = 10_000  # cells read at once: bounds memory independently of chunk size
 SAMPLE_CELLS = 1_000  # cells whose values tell raw counts from normalised ones
+SAMPLE_VALUES = 10_000_000  # at most this many matrix entries in that sample (dense matrices)
 # Layer names public datasets keep raw counts under, most common first (scanpy tutorials: "counts").
 RAW_COUNT_LAYERS = ("counts", "raw_counts", "raw", "umi_counts", "umis")
 LOW_VOCABULARY_SHARE = 0.5  # below this share of genes in the vocabulary, a warning
@@ -169,8 +170,10 @@ def choose_counts_source(path: Path, requested: str = "auto", require_raw_counts
 def _sample_problem(path: Path, source: str) -> str | None:
     """What is wrong with the first cells of a source as raw counts (``None``: they look raw)."""
     try:
-        inspect_h5ad(path, source)
-        _, block = next(iter_row_blocks(path, 0, SAMPLE_CELLS, SAMPLE_CELLS, source))
+        layout = inspect_h5ad(path, source)
+        # A dense matrix is read whole row by row: fewer cells of a wide one.
+        cells = max(1, min(SAMPLE_CELLS, layout.n_cells, SAMPLE_VALUES // layout.n_genes))
+        _, block = next(iter_row_blocks(path, 0, cells, cells, source))
     except HelixflowError:
         return "no readable matrix"
     problem = value_problem(block)
