@@ -138,9 +138,9 @@ def detect_gene_column(var: pd.DataFrame, symbol_map: dict[str, str] | None, ens
         if _ensembl_share(_column_values(var, column)) >= ENSEMBL_SHARE:
             return column, "ensembl"
     candidates = [column for column in SYMBOL_COLUMNS if column == "index" or column in var.columns]
+    # Then any other text column (numbers and flags cannot be symbols).
     candidates += [column for column in var.columns if column not in candidates and column not in ID_COLUMNS
-                   and pd.api.types.is_string_dtype(var[column].astype("string"))
-                   and not pd.api.types.is_numeric_dtype(var[column])]
+                   and not pd.api.types.is_numeric_dtype(var[column]) and not pd.api.types.is_bool_dtype(var[column])]
     scored = [(_symbol_matches(_column_values(var, column), symbol_map, ensembl_mapping), column) for column in candidates]
     best_score, best = max(scored, key=lambda item: item[0]) if scored else (0, None)
     if best is None or best_score == 0:
