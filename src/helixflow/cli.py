@@ -507,9 +507,9 @@ def cmd_step_gather(args) -> int:
 def cmd_step_label_split(args) -> int:
     from helixflow.label_split import write_label_split
 
-    table = write_label_split(args.chunks, args.tokens, args.out, args.label, args.validation_fraction, args.seed)
-    print(table.groupby(["label", "split"], dropna=False).size().unstack(fill_value=0).to_string())
-    return len(table)
+    summary = write_label_split(args.chunks, args.tokens, args.out, args.label, args.validation_fraction, args.seed)
+    print(summary.pivot_table(index="label", columns="split", values="cells", aggfunc="sum", fill_value=0, dropna=False).to_string())
+    return int(summary["cells"].sum())
 
 
 def cmd_step_finetune(args) -> int:
@@ -538,11 +538,12 @@ def cmd_annotate(args) -> int:
     from helixflow.annotate import annotate
 
     started = time.monotonic()
-    obs, predicted = annotate(args.input, args.model_dir, args.out, args.batch_size, args.device, args.precision,
-                              args.threads, args.gene_id_column, _symbol_map(args))
-    print(obs[predicted].value_counts(dropna=False).to_string())
-    print(f"helixflow: annotated {len(obs):,} cells in {time.monotonic() - started:.1f} s -> {args.out} (obs['{predicted}'])")
-    return len(obs)
+    counts, predicted = annotate(args.input, args.model_dir, args.out, args.batch_size, args.device, args.precision,
+                                 args.threads, args.gene_id_column, _symbol_map(args))
+    print(counts.to_string())
+    cells = int(counts.sum())
+    print(f"helixflow: annotated {cells:,} cells in {time.monotonic() - started:.1f} s -> {args.out} (obs['{predicted}'])")
+    return cells
 
 
 def cmd_step_plot(args) -> int:
