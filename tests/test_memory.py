@@ -1,12 +1,14 @@
-"""Peak memory of split and tokenize stays flat as the dataset grows (measured in subprocesses)."""
+"""Peak memory of every step stays flat as the dataset grows (measured in subprocesses)."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
 import pytest
 
+from conftest import PROJECT_DIR
 from helixflow.demo_data import make_demo_dataset
 
 MEASURE = """
@@ -47,3 +49,30 @@ def test_peak_memory_is_flat(step, two_sizes, tiny_v1, tmp_path):
     # (split works on a fixed chunk, as each workflow job does; tokenize on the whole file.)
     assert peaks[48_000] <= peaks[12_000] + 40, peaks
     assert peaks[48_000] <= 512, peaks
+
+
+def load_bench():
+    """bench/memory.py, the harness that also produces the 1M/10M figures of docs/benchmarks.md."""
+    spec = importlib.util.spec_from_file_location("bench_memory", PROJECT_DIR / "bench" / "memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BENCH = load_bench()
+SIZES = (100_000, 1_000_000)  # CI's variant of 1M -> 10M cells (bench/memory.py; figures in docs/benchmarks.md)
+
+
+@pytest.fixture(scope="module")
+def every_step(models_dir, tmp_path_factory):
+    """Peak RSS of every step at both sizes, each step in its own process, chunks of 10,000 cells."""
+    root = tmp_path_factory.mktemp("every-step")
+    return {n: BENCH.measure(BENCH.prepare(root / f"cells-{n}", n, models_dir), plot_cells=5_000) for n in SIZES}
+
+
+@pytest.mark.parametrize("step", BENCH.STEPS)
+def test_every_steps_memory_is_set_by_its_chunk_not_the_dataset(step, every_step):
+    small, large = (every_step[n][step]["peak_rss_mb"] for n in SIZES)
+    # Ten times the cells: a bounded step stays within 20% (the issue's goal), and under 1 GB.
+    assert large <= 1.2 * small, every_step
+    assert large <= 1024, every_step
