@@ -55,6 +55,7 @@ def load_bench():
     """bench/memory.py, the harness that also produces the 1M/10M figures of docs/benchmarks.md."""
     spec = importlib.util.spec_from_file_location("bench_memory", PROJECT_DIR / "bench" / "memory.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
