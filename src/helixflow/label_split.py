@@ -23,7 +23,7 @@ from helixflow.tokenization import open_tokens
 TRAIN, VALIDATION, EXCLUDED = "train", "validation", "excluded"
 SPLIT_COLUMNS = ["cell_index", "cell_id", "chunk", "row", "label", "split"]
 SPLIT_DTYPES = {"cell_id": str, "chunk": str, "label": "string", "split": str}
-BLOCK_ROWS = 500_000  # rows of the table read at once
+BLOCK_ROWS = 100_000  # rows of the table read at once (their strings are the transient cost)
 
 
 def read_chunk_labels(chunk_path: str | Path, label_column: str) -> pd.DataFrame:
