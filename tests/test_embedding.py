@@ -1,15 +1,18 @@
-"""Embeddings equal helical's get_embeddings on the same model and cells."""
+"""Embeddings equal helical's get_embeddings on the same model and cells; gather streams chunks into one file."""
 
 from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 
-from helixflow.embedding import embed_tokens, load_encoder
+from helixflow.embedding import EMBEDDING_KEY, embed_tokens, gather_embeddings, load_encoder
 from helixflow.model_files import helical_geneformer, model_facts
 from helixflow.tokenization import open_tokens, tokenize_chunk
+from test_split import mixed_obs
 
 
 def ours(files, tokens_path, batch_size=16, precision="fp32"):
@@ -53,3 +56,20 @@ def test_cells_without_genes_get_nan(tiny_v1):
     ids = [np.array([5, 6, 7], dtype=np.int32), np.array([], dtype=np.int32)]
     out = embed_tokens(model, ids, np.array([3, 0]), 4, False, torch.device("cpu"))
     assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
+
+
+def test_gather_streams_chunks_into_what_anndata_concat_gives(tmp_path):
+    chunks, parts = [], []
+    for index, (n_cells, categories) in enumerate([(7, ("a", "b", "c")), (5, ("a", "b", "c")), (6, ("c", "d"))]):
+        obs = mixed_obs(n_cells, offset=10 * index, categories=categories)
+        part = ad.AnnData(X=sp.csr_matrix((n_cells, 0), dtype=np.float32), obs=obs,
+                          obsm={EMBEDDING_KEY: np.random.default_rng(index).random((n_cells, 4), dtype=np.float32)})
+        chunks.append(tmp_path / f"chunk-{index:05d}.h5ad")
+        part.write_h5ad(chunks[-1])
+        parts.append(part)
+    assert gather_embeddings(chunks, tmp_path / "all.h5ad", {"chunks": 3}) == 18
+    gathered, expected = ad.read_h5ad(tmp_path / "all.h5ad"), ad.concat(parts)
+    pd.testing.assert_frame_equal(gathered.obs, expected.obs, check_categorical=False)
+    assert list(gathered.obs["cell_type"].cat.categories) == ["a", "b", "c", "d"]  # a new category is added
+    np.testing.assert_array_equal(gathered.obsm[EMBEDDING_KEY], expected.obsm[EMBEDDING_KEY])
+    assert gathered.shape == (18, 0) and gathered.uns["helixflow"] == {"chunks": 3}

@@ -77,10 +77,14 @@ def test_label_split_is_stratified_and_reproducible(labelled, tmp_path):
     assert len(table) == N_CELLS and set(table["split"]) == {"train", "validation"}
     for _, cells in table.groupby("label"):
         assert (cells["split"] == VALIDATION).sum() == max(1, round(0.2 * len(cells)))
-    again = write_label_split(labelled.chunks, labelled.tokens, tmp_path / "again.tsv", "cell_type", 0.2, seed=0)
+    summary = write_label_split(labelled.chunks, labelled.tokens, tmp_path / "again.tsv", "cell_type", 0.2, seed=0)
     assert (tmp_path / "again.tsv").read_bytes() == labelled.split.read_bytes()
-    other = write_label_split(labelled.chunks, labelled.tokens, tmp_path / "other.tsv", "cell_type", 0.2, seed=1)
-    assert not np.array_equal(other["split"], again["split"])
+    counted = table.groupby(["label", "split"]).size()
+    assert summary.set_index(["label", "split"])["cells"].to_dict() == counted.to_dict()
+    write_label_split(labelled.chunks, labelled.tokens, tmp_path / "other.tsv", "cell_type", 0.2, seed=1)
+    other = read_label_split(tmp_path / "other.tsv")
+    assert not np.array_equal(other["split"], table["split"])
+    assert other.groupby(["label", "split"]).size().to_dict() == counted.to_dict()  # same counts, other cells
 
 
 def test_label_split_names_a_missing_label_column(labelled, tmp_path):
@@ -218,7 +222,7 @@ def test_annotate_predicts_every_cell(labelled, zero2_model, tmp_path):
 
 
 def test_classification_metrics_on_a_known_case():
-    metrics = classification_metrics(np.array(["a", "a", "b", "b"]), np.array(["a", "b", "b", "b"]), ["a", "b", "c"])
+    metrics = classification_metrics(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), ["a", "b", "c"])  # class codes
     assert metrics["accuracy"] == 0.75
     assert metrics["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
     assert metrics["per_class"]["b"]["precision"] == pytest.approx(2 / 3) and metrics["per_class"]["c"]["support"] == 0

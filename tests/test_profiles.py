@@ -8,7 +8,7 @@ import yaml
 from helixflow import cli
 from helixflow.errors import HelixflowError
 from helixflow.model_files import GENEFORMER_MODELS
-from helixflow.profiles import DEFAULT_PROFILES_DIR, list_profiles, load_profile, step_resources
+from helixflow.profiles import DEFAULT_PROFILES_DIR, STEP_KIND, list_profiles, load_profile, step_resources
 
 GPU_PROFILE = {"name": "big", "model_name": "gf-12L-104M-i4096", "device": "cuda", "precision": "bf16", "threads": 16,
                "gpu": {"count": 2, "model": "a100", "memory_mb": 80000},
@@ -50,11 +50,21 @@ def test_model_steps_get_the_profile_and_light_steps_little(tmp_path):
     profile = load_profile("big", tmp_path)
     embed = step_resources(profile, "embed", n_cells=20_000)
     assert embed == {"threads": 16, "mem_mb": 32000, "runtime": 60, "gpu": 2, "gpu_model": "a100"}
-    assert step_resources(profile, "finetune", n_cells=5_000) == {"threads": 16, "mem_mb": 64000, "runtime": 75,
+    assert step_resources(profile, "finetune", n_cells=5_000) == {"threads": 16, "mem_mb": 64001, "runtime": 75,
                                                                  "gpu": 2, "gpu_model": "a100"}
     assert step_resources(profile, "evaluate")["gpu"] == 2 and step_resources(profile, "annotate")["mem_mb"] == 32000
     for light in ("split", "tokenize", "gather", "label_split"):
         assert step_resources(profile, light, n_cells=10_000) == {"threads": 2, "mem_mb": 3000, "runtime": 4}
+
+
+def test_memory_grows_with_the_dataset_only_for_the_steps_that_need_it(tmp_path):
+    write_profile(tmp_path, {**GPU_PROFILE, "memory_mb_per_million_cells": {"finetune": 200}})
+    profile = load_profile("big", tmp_path)
+    assert profile["memory_mb_per_million_cells"] == {"finetune": 200, "evaluate": 30}  # the default filled in
+    assert step_resources(profile, "finetune", n_cells=10_000_000)["mem_mb"] == 64000 + 2000
+    assert step_resources(profile, "evaluate", n_cells=10_000_000)["mem_mb"] == 32000 + 300
+    for bounded in ("validate_input", "gather", "label_split", "annotate", "split", "embed"):
+        assert step_resources(profile, bounded, n_cells=10_000_000)["mem_mb"] == profile["memory_mb"][STEP_KIND.get(bounded, "light")]
 
 
 def test_cpu_profile_asks_for_no_gpu_and_at_least_a_minute():
@@ -122,7 +132,10 @@ def test_profile_show_prints_what_tiny_resolves_to(capsys):
     resources = shown["snakemake_resources"]
     assert set(resources) == {"validate_input", "split", "tokenize", "embed", "gather", "label_split", "finetune",
                               "evaluate", "annotate"}
-    assert resources["finetune"] == {"threads": 2, "mem_mb": 4000, "runtime": 20}
+    # Whole-dataset steps for a million cells, per-chunk steps for a chunk of 10,000.
+    assert resources["finetune"] == {"threads": 2, "mem_mb": 4100, "runtime": 2000}
+    assert resources["evaluate"] == {"threads": 2, "mem_mb": 2030, "runtime": 500}
+    assert resources["gather"] == {"threads": 2, "mem_mb": 1500, "runtime": 200}
     assert resources["split"] == {"threads": 2, "mem_mb": 1500, "runtime": 2}
     assert all("gpu" not in step for step in resources.values())
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 
 from helixflow.errors import HelixflowError
-from helixflow.h5ad import chunk_bounds, inspect_h5ad
+from helixflow.h5ad import chunk_bounds, inspect_h5ad, read_obs_rows
 from helixflow.split import split_chunk, validate_input
 
 from conftest import sha256
@@ -56,3 +57,21 @@ def test_validate_summarises_input(dataset, tiny_v1, tmp_path):
     summary = validate_input(dataset, tiny_v1, tmp_path / "check.json")
     assert summary["cells"] == 600 and summary["genes"] == 1640
     assert summary["genes_in_vocabulary"] == 1600  # the 40 foreign genes are left out
+
+
+def mixed_obs(n_cells: int, offset: int = 0, categories=("a", "b", "c")) -> pd.DataFrame:
+    """obs columns of every kind anndata writes: categorical, float, int, bool, string, nullable."""
+    rows = np.arange(offset, offset + n_cells)
+    return pd.DataFrame({
+        "cell_type": pd.Categorical(np.asarray(categories)[rows % len(categories)], categories=list(categories)),
+        "n_counts": rows.astype(np.float64), "batch": rows % 4, "kept": rows % 2 == 0,
+        "barcode": [f"bc{i}" for i in rows], "score": pd.array([None if i % 5 == 0 else i for i in rows], dtype="Int64"),
+    }, index=pd.Index([f"cell{i}" for i in rows]))
+
+
+def test_obs_rows_are_read_without_the_other_rows(tmp_path):
+    path = tmp_path / "mixed.h5ad"
+    ad.AnnData(X=sp.csr_matrix((50, 3), dtype=np.int32), obs=mixed_obs(50)).write_h5ad(path)
+    with h5py.File(path, "r") as handle:
+        pd.testing.assert_frame_equal(read_obs_rows(handle, 20, 35), ad.read_h5ad(path).obs.iloc[20:35])
+        assert list(read_obs_rows(handle, 0, 3, ["n_counts"]).columns) == ["n_counts"]

@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = profile.add_parser("show", help="print a profile with defaults and the resources it gives each step")
     show.add_argument("name")
     show.add_argument("--profiles-dir", type=Path)
-    show.add_argument("--cells", type=int, default=10_000, help="chunk size the runtimes are computed for")
+    show.add_argument("--cells", type=int, default=10_000, help="chunk size the per-chunk steps' resources are computed for")
+    show.add_argument("--dataset-cells", type=int, default=1_000_000,
+                      help="dataset size the whole-dataset steps' runtime and memory are computed for; default: 1,000,000")
     show.set_defaults(handler=cmd_profile_show)
     listing = profile.add_parser("list", help="list profiles")
     listing.add_argument("--profiles-dir", type=Path)
@@ -446,11 +448,12 @@ def cmd_model_stage(args) -> int:
 def cmd_profile_show(args) -> int:
     import yaml
 
-    from helixflow.profiles import load_profile, step_resources
+    from helixflow.profiles import WHOLE_DATASET_STEPS, load_profile, step_resources
 
     profile = load_profile(args.name, args.profiles_dir)
     steps = ("validate_input", "split", "tokenize", "embed", "gather", "label_split", "finetune", "evaluate", "annotate")
-    shown = dict(profile, snakemake_resources={step: step_resources(profile, step, args.cells) for step in steps})
+    shown = dict(profile, snakemake_resources={
+        step: step_resources(profile, step, args.dataset_cells if step in WHOLE_DATASET_STEPS else args.cells) for step in steps})
     print(yaml.safe_dump(shown, sort_keys=False), end="")
     return 0
 
@@ -523,9 +526,10 @@ def cmd_step_gather(args) -> int:
 def cmd_step_label_split(args) -> int:
     from helixflow.label_split import write_label_split
 
-    table = write_label_split(args.chunks, args.tokens, args.out, args.label, args.validation_fraction, args.seed)
-    print(table.groupby(["label", "split"], dropna=False).size().unstack(fill_value=0).to_string())
-    return len(table)
+    summary = write_label_split(args.chunks, args.tokens, args.out, args.label, args.validation_fraction, args.seed)
+    table = summary.fillna({"label": "(no label)"}).pivot_table(index="label", columns="split", values="cells", aggfunc="sum", fill_value=0)
+    print(table.to_string())
+    return int(summary["cells"].sum())
 
 
 def cmd_step_finetune(args) -> int:
@@ -554,11 +558,12 @@ def cmd_annotate(args) -> int:
     from helixflow.annotate import annotate
 
     started = time.monotonic()
-    obs, predicted = annotate(args.input, args.model_dir, args.out, args.batch_size, args.device, args.precision,
-                              args.threads, args.gene_id_column, _symbol_map(args))
-    print(obs[predicted].value_counts(dropna=False).to_string())
-    print(f"helixflow: annotated {len(obs):,} cells in {time.monotonic() - started:.1f} s -> {args.out} (obs['{predicted}'])")
-    return len(obs)
+    counts, predicted = annotate(args.input, args.model_dir, args.out, args.batch_size, args.device, args.precision,
+                                 args.threads, args.gene_id_column, _symbol_map(args))
+    print(counts.to_string())
+    cells = int(counts.sum())
+    print(f"helixflow: annotated {cells:,} cells in {time.monotonic() - started:.1f} s -> {args.out} (obs['{predicted}'])")
+    return cells
 
 
 def cmd_step_plot(args) -> int:

@@ -105,3 +105,68 @@ def _sample_counts(rng: np.random.Generator, probabilities: np.ndarray, mean_cou
     library = rng.lognormal(mean=np.log(mean_counts), sigma=0.5, size=(len(probabilities), 1))
     rate = library * probabilities * rng.gamma(DISPERSION, 1.0 / DISPERSION, size=probabilities.shape)
     return sp.csr_matrix(rng.poisson(rate).astype(np.int32))
+
+
+def make_sparse_dataset(
+    out: str | Path,
+    n_cells: int,
+    n_genes: int = 400,
+    genes_per_cell: int = 8,
+    block_cells: int = 250_000,
+    seed: int = 0,
+) -> Path:
+    """Write a large, shallow raw-count dataset to ``out`` (.h5ad, CSR), block by block.
+
+    Made for memory tests at millions of cells: every cell expresses ``genes_per_cell`` genes
+    drawn from a pool of its cell type, so ``X`` is small, while ``obs`` (a string index and a
+    categorical ``cell_type``) has one row per cell like any real dataset. Nothing of the size
+    of the dataset is held in memory: each block of ``block_cells`` cells is written with h5py
+    into datasets laid out as anndata writes them.
+    """
+    rng = np.random.default_rng(seed)
+    gene_ids = synthetic.gene_ids(n_genes)
+    pool = max(2 * genes_per_cell, n_genes // len(CELL_TYPES))
+    n_values = n_cells * genes_per_cell
+    out = Path(out)
+    with atomic_path(out) as partial, h5py.File(partial, "w") as handle:
+        _set_encoding(handle, "anndata", "0.1.0")
+        x = handle.create_group("X")
+        _set_encoding(x, "csr_matrix", "0.1.0")
+        x.attrs["shape"] = (n_cells, n_genes)
+        data = x.create_dataset("data", (n_values,), dtype=np.int32, chunks=True)
+        indices = x.create_dataset("indices", (n_values,), dtype=np.int32, chunks=True)
+        indptr = x.create_dataset("indptr", (n_cells + 1,), dtype=np.int64, chunks=True)
+        indptr[0] = 0
+        obs = handle.create_group("obs")
+        _set_encoding(obs, "dataframe", "0.2.0")
+        obs.attrs["_index"] = "_index"
+        obs.attrs["column-order"] = ["cell_type"]
+        index = obs.create_dataset("_index", (n_cells,), dtype=h5py.string_dtype(), chunks=True)
+        _set_encoding(index, "string-array", "0.2.0")
+        cell_type = obs.create_group("cell_type")
+        _set_encoding(cell_type, "categorical", "0.2.0")
+        cell_type.attrs["ordered"] = False
+        write_elem(cell_type, "categories", np.array(CELL_TYPES, dtype=object))
+        codes = cell_type.create_dataset("codes", (n_cells,), dtype=np.int8, chunks=True)
+        for start in range(0, n_cells, block_cells):
+            stop = min(n_cells, start + block_cells)
+            types = rng.integers(0, len(CELL_TYPES), size=stop - start)
+            # Each cell's genes: the first genes_per_cell of a random order of its type's pool, sorted.
+            picks = np.sort(np.argsort(rng.random((stop - start, pool)), axis=1)[:, :genes_per_cell], axis=1)
+            genes = (types[:, None] * pool + picks) % n_genes
+            values = slice(start * genes_per_cell, stop * genes_per_cell)
+            indices[values] = genes.ravel().astype(np.int32)
+            data[values] = rng.integers(1, 30, size=genes.size, dtype=np.int32)
+            indptr[start + 1 : stop + 1] = genes_per_cell * np.arange(start + 1, stop + 1, dtype=np.int64)
+            index[start:stop] = np.array([f"cell{i:09d}" for i in range(start, stop)], dtype=object)
+            codes[start:stop] = types.astype(np.int8)
+        var = pd.DataFrame({"ensembl_id": gene_ids}, index=pd.Index(gene_ids))
+        write_elem(handle, "var", var)
+        for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+            write_elem(handle, key, {})
+    return out
+
+
+def _set_encoding(element, encoding_type: str, encoding_version: str) -> None:
+    element.attrs["encoding-type"] = encoding_type
+    element.attrs["encoding-version"] = encoding_version

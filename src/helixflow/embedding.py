@@ -17,11 +17,11 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 import torch
-from anndata.experimental import concat_on_disk
 from anndata.io import read_elem, write_elem
 from tqdm import tqdm
 
 from helixflow.errors import HelixflowError
+from helixflow.h5ad import append_obs, write_empty_matrix, write_growable_obs
 from helixflow.model_files import ModelFiles, model_facts
 from helixflow.outputs import atomic_path
 from helixflow.tokenization import open_tokens
@@ -152,16 +152,40 @@ def embed_chunk(
 
 
 def gather_embeddings(chunk_files: list[str | Path], out: str | Path, metadata: dict) -> int:
-    """Concatenate per-chunk embedding files into one .h5ad, streaming (anndata's concat_on_disk).
+    """Concatenate per-chunk embedding files into one .h5ad, one chunk at a time.
 
-    Returns the number of cells gathered.
+    ``obs`` and the embeddings are appended chunk by chunk into the output's datasets (h5py,
+    in anndata's on-disk layout), so memory is set by the chunk size, not by the number of
+    cells. Returns the number of cells gathered.
     """
-    with atomic_path(out) as partial:
-        # Paths, not str: with a single chunk anndata 0.12.19 copies the file and calls in_file.is_dir().
-        concat_on_disk([Path(path) for path in chunk_files], Path(partial))
-        with h5py.File(partial, "r+") as handle:
-            if "uns" in handle:  # concat_on_disk may leave it without anndata's encoding attributes
-                del handle["uns"]
-            write_elem(handle, "uns", {"helixflow": metadata})
-            cells = handle["obsm"][EMBEDDING_KEY].shape[0]
-    return cells
+    shapes = []
+    for path in chunk_files:
+        with h5py.File(path, "r") as handle:
+            shapes.append(handle[f"obsm/{EMBEDDING_KEY}"].shape)
+    widths = {width for _, width in shapes}
+    if len(widths) != 1:
+        raise HelixflowError(chunk_files[0], f"chunks hold embeddings of different widths {sorted(widths)}; rerun embed")
+    n_cells = sum(cells for cells, _ in shapes)
+    with atomic_path(out) as partial, h5py.File(partial, "w") as target:
+        target.attrs["encoding-type"] = "anndata"
+        target.attrs["encoding-version"] = "0.1.0"
+        write_empty_matrix(target, "X", n_cells)
+        write_elem(target, "obsm", {})
+        embeddings = target["obsm"].create_dataset(EMBEDDING_KEY, (n_cells, widths.pop()), dtype=np.float32, chunks=True)
+        embeddings.attrs["encoding-type"] = "array"
+        embeddings.attrs["encoding-version"] = "0.2.0"
+        first = 0
+        for path in chunk_files:
+            with h5py.File(path, "r") as source:
+                obs = read_elem(source["obs"])  # one chunk's rows
+                if first == 0:
+                    write_growable_obs(target, obs)
+                    write_elem(target, "var", read_elem(source["var"]))
+                else:
+                    append_obs(target["obs"], obs)
+                embeddings[first : first + len(obs)] = source[f"obsm/{EMBEDDING_KEY}"][()]
+            first += len(obs)
+        for key in ("varm", "obsp", "varp", "layers"):
+            write_elem(target, key, {})
+        write_elem(target, "uns", {"helixflow": metadata})
+    return n_cells

@@ -25,62 +25,80 @@ import torch
 from helixflow.classifier import FineTunedModel, class_labels, predict_proba
 from helixflow.embedding import EMBEDDING_KEY, resolve_device
 from helixflow.errors import HelixflowError
-from helixflow.label_split import TRAIN, VALIDATION, read_label_split
+from helixflow.h5ad import read_rows
+from helixflow.label_split import TRAIN, VALIDATION, draw_uniform, iter_label_split
 from helixflow.outputs import atomic_path
 from helixflow.token_batches import LabelledCells, TokenStore
 from helixflow.tracking import tracked_run
 
 PROBE_MAX_TRAIN_CELLS = 50_000  # the probe's training cells are subsampled beyond this
+EVALUATE_BLOCK_CELLS = 20_000  # validation cells scored at once
 OUTPUT_FILES = ("metrics.json", "summary.tsv", "per_class.tsv", "predictions.tsv", "confusion_matrix.png", "training_curve.png")
 
 
 def classification_metrics(truth: np.ndarray, predicted: np.ndarray, labels: list[str]) -> dict:
-    """Accuracy, macro-F1 and per-class precision, recall, F1 and support."""
+    """Accuracy, macro-F1 and per-class precision, recall, F1 and support.
+
+    ``truth`` and ``predicted`` are class codes (positions in ``labels``).
+    """
     from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=labels, zero_division=0)
+    codes = list(range(len(labels)))
+    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=codes, zero_division=0)
     return {
         "accuracy": float(accuracy_score(truth, predicted)),
-        "macro_f1": float(f1_score(truth, predicted, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(truth, predicted, labels=codes, average="macro", zero_division=0)),
         "per_class": {label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                       for label, p, r, f, s in zip(labels, precision, recall, f1, support)},
     }
 
 
-def linear_probe(embeddings_path: str | Path, split: pd.DataFrame, seed: int = 0) -> tuple[np.ndarray, int]:
-    """Predict validation labels with a logistic regression on frozen embeddings of train cells.
+def fit_linear_probe(embeddings_path: str | Path, split_path: str | Path, labels: list[str], seed: int = 0):
+    """A logistic regression on frozen embeddings of (at most ``PROBE_MAX_TRAIN_CELLS``) train cells.
+
+    The train cells are a uniform sample drawn while the split is read block by block, and
+    only their embeddings are read, so memory is bounded whatever the number of cells.
 
     Returns
     -------
-    predicted, n_train
-        Predicted label of each validation cell, and how many train cells the probe saw.
+    probe, n_train
+        The fitted scikit-learn pipeline (it predicts class codes), and the cells it saw.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    train = split[split["split"] == TRAIN]
-    if len(train) > PROBE_MAX_TRAIN_CELLS:
-        train = train.sample(PROBE_MAX_TRAIN_CELLS, random_state=seed).sort_values("cell_index")
-    validation = split[split["split"] == VALIDATION]
+    n_cells, n_train = 0, 0
+    for block in iter_label_split(split_path, ["split"]):
+        n_cells += len(block)
+        n_train += int((block["split"] == TRAIN).sum())
+    rng = np.random.default_rng(seed)
+    left, wanted = n_train, min(n_train, PROBE_MAX_TRAIN_CELLS)
+    indices, targets = [], []
+    for block in iter_label_split(split_path, ["cell_index", "label", "split"]):
+        block = block[block["split"] == TRAIN]
+        chosen = draw_uniform(rng, len(block), left, wanted)
+        left, wanted = left - len(block), wanted - int(chosen.sum())
+        indices.append(block["cell_index"].to_numpy(dtype=np.int64)[chosen])
+        targets.append(pd.Categorical(block["label"], categories=labels).codes[chosen])
     with h5py.File(embeddings_path, "r") as handle:
         embeddings = handle[f"obsm/{EMBEDDING_KEY}"]
-        if embeddings.shape[0] != len(split):
-            raise HelixflowError(embeddings_path, f"holds {embeddings.shape[0]} cells but the label split {len(split)}")
-        train_x, validation_x = embeddings[train["cell_index"].to_numpy()], embeddings[validation["cell_index"].to_numpy()]
+        if embeddings.shape[0] != n_cells:
+            raise HelixflowError(embeddings_path, f"holds {embeddings.shape[0]} cells but the label split {n_cells}")
+        train_x = read_rows(embeddings, np.concatenate(indices))
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2_000))
-    probe.fit(train_x, train["label"].to_numpy(dtype=str))
-    return probe.predict(validation_x), len(train)
+    probe.fit(train_x, np.concatenate(targets))
+    return probe, len(train_x)
 
 
 def plot_confusion_matrices(truth: np.ndarray, predictions: dict[str, np.ndarray], scores: dict[str, dict],
                             labels: list[str], out: str | Path) -> None:
-    """Row-normalised confusion matrices side by side, one per model."""
+    """Row-normalised confusion matrices side by side, one per model (class codes in, names shown)."""
     from sklearn.metrics import confusion_matrix
 
     figure, axes = plt.subplots(1, len(predictions), figsize=(5.2 * len(predictions), 4.8), squeeze=False)
     for axis, (name, predicted) in zip(axes[0], predictions.items()):
-        matrix = confusion_matrix(truth, predicted, labels=labels, normalize="true")
+        matrix = confusion_matrix(truth, predicted, labels=list(range(len(labels))), normalize="true")
         axis.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
         for (row, column), value in np.ndenumerate(matrix):
             axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
@@ -126,6 +144,8 @@ def evaluate(
 ) -> dict:
     """Score the fine-tuned model and the linear probe on the validation cells.
 
+    Every validation cell is scored, block by block: per cell only its class codes and the
+    predicted probability are kept, the tokens and embeddings of one block are read at a time.
     Writes ``OUTPUT_FILES`` into ``out_dir``, logs the scores and files to the model's
     MLflow run, and returns the metrics.
     """
@@ -133,15 +153,23 @@ def evaluate(
         torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     fine_tuned = FineTunedModel.open(model_dir)
-    split = read_label_split(split_path)
     torch_device = resolve_device(device)
     model = fine_tuned.load_model(torch_device)
     labels = class_labels(model)
-    validation = LabelledCells(split[split["split"] == VALIDATION], labels, TokenStore(tokens_paths))
-    probabilities = predict_proba(model, validation.fetch, validation.lengths, len(labels), batch_size, torch_device, precision)
-    truth = np.asarray(labels)[validation.targets]
-    predictions = {"fine-tuned": np.asarray(labels)[probabilities.argmax(axis=1)]}
-    predictions["linear probe"], probe_cells = linear_probe(embeddings_path, split, fine_tuned.metadata["seed"])
+    validation = LabelledCells.read(split_path, VALIDATION, labels, TokenStore(tokens_paths))
+    probe, probe_cells = fit_linear_probe(embeddings_path, split_path, labels, fine_tuned.metadata["seed"])
+    predictions = {name: np.empty(len(validation), dtype=np.int64) for name in ("fine-tuned", "linear probe")}
+    probability = np.empty(len(validation), dtype=np.float32)
+    with h5py.File(embeddings_path, "r") as handle:
+        embeddings = handle[f"obsm/{EMBEDDING_KEY}"]
+        for first in range(0, len(validation), EVALUATE_BLOCK_CELLS):
+            block = np.arange(first, min(len(validation), first + EVALUATE_BLOCK_CELLS))
+            probabilities = predict_proba(model, lambda positions: validation.fetch(block[positions]),
+                                          validation.lengths[block], len(labels), batch_size, torch_device, precision)
+            predictions["fine-tuned"][block] = probabilities.argmax(axis=1)
+            probability[block] = probabilities.max(axis=1)
+            predictions["linear probe"][block] = probe.predict(read_rows(embeddings, validation.cell_index[block]))
+    truth = validation.targets
     scores = {name: classification_metrics(truth, predicted, labels) for name, predicted in predictions.items()}
     chance = 1 / len(labels)
     metrics = {
@@ -151,7 +179,7 @@ def evaluate(
         "linear_probe": {**scores["linear probe"], "train_cells": probe_cells},
         "model": {key: fine_tuned.metadata[key] for key in ("base_model", "profile", "optimizer_steps", "mlflow_run_id")},
     }
-    write_tables(metrics, split[split["split"] == VALIDATION], truth, predictions, probabilities, out_dir)
+    write_tables(metrics, split_path, labels, truth, predictions, probability, out_dir)
     plot_confusion_matrices(truth, predictions, scores, labels, out_dir / "confusion_matrix.png")
     plot_training_curve(pd.read_csv(training_log, sep="\t"), out_dir / "training_curve.png")
     with atomic_path(out_dir / "metrics.json") as partial:
@@ -160,9 +188,9 @@ def evaluate(
     return metrics
 
 
-def write_tables(metrics: dict, validation: pd.DataFrame, truth: np.ndarray, predictions: dict[str, np.ndarray],
-                 probabilities: np.ndarray, out_dir: Path) -> None:
-    """Write the summary, per-class and per-cell prediction tables (TSV)."""
+def write_tables(metrics: dict, split_path: str | Path, labels: list[str], truth: np.ndarray,
+                 predictions: dict[str, np.ndarray], probability: np.ndarray, out_dir: Path) -> None:
+    """Write the summary, per-class and per-cell prediction tables (TSV); the last block by block."""
     summary = pd.DataFrame([
         {"model": "fine-tuned", "accuracy": metrics["fine_tuned"]["accuracy"], "macro_f1": metrics["fine_tuned"]["macro_f1"]},
         {"model": "linear probe (frozen embeddings)", "accuracy": metrics["linear_probe"]["accuracy"],
@@ -175,12 +203,20 @@ def write_tables(metrics: dict, validation: pd.DataFrame, truth: np.ndarray, pre
          **{f"probe_{key}": metrics["linear_probe"]["per_class"][label][key] for key in ("precision", "recall", "f1")}}
         for label, scores in metrics["fine_tuned"]["per_class"].items()
     ])
-    cells = pd.DataFrame({"cell_index": validation["cell_index"].to_numpy(), "cell_id": validation["cell_id"].to_numpy(),
-                          "true": truth, "fine_tuned": predictions["fine-tuned"],
-                          "fine_tuned_probability": probabilities.max(axis=1), "linear_probe": predictions["linear probe"]})
-    for name, table in (("summary.tsv", summary), ("per_class.tsv", per_class), ("predictions.tsv", cells)):
+    for name, table in (("summary.tsv", summary), ("per_class.tsv", per_class)):
         with atomic_path(out_dir / name) as partial:
             table.to_csv(partial, sep="\t", index=False, float_format="%.4f")
+    names = np.asarray(labels, dtype=object)
+    with atomic_path(out_dir / "predictions.tsv") as partial:
+        first = 0  # validation cells come in the split's order, as LabelledCells.read keeps them
+        for block in iter_label_split(split_path, ["cell_index", "cell_id", "split"]):
+            block = block[block["split"] == VALIDATION]
+            rows = slice(first, first + len(block))
+            pd.DataFrame({"cell_index": block["cell_index"].to_numpy(), "cell_id": block["cell_id"].to_numpy(),
+                          "true": names[truth[rows]], "fine_tuned": names[predictions["fine-tuned"][rows]],
+                          "fine_tuned_probability": probability[rows], "linear_probe": names[predictions["linear probe"][rows]]},
+                         ).to_csv(partial, sep="\t", index=False, float_format="%.4f", mode="a", header=first == 0)
+            first += len(block)
 
 
 def log_to_mlflow(metadata: dict, metrics: dict, out_dir: Path) -> None:

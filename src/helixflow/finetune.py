@@ -31,7 +31,7 @@ from helixflow import deepspeed_engine
 from helixflow.classifier import build_classifier, predict_proba, save_classifier
 from helixflow.embedding import resolve_device
 from helixflow.errors import HelixflowError
-from helixflow.label_split import TRAIN, VALIDATION, class_names, read_label_split
+from helixflow.label_split import TRAIN, VALIDATION, class_names
 from helixflow.model_files import ModelFiles
 from helixflow.outputs import atomic_path
 from helixflow.profiles import check_train_settings
@@ -114,10 +114,7 @@ def finetune(
     precision = train["precision"] or profile["precision"]
     device = resolve_device(profile["device"])
     check_train_settings(train, precision, device.type, f"profile {profile['name']}: train")
-    split = read_label_split(split_path)
-    labels = class_names(split)
-    store = TokenStore(tokens_paths)
-    cells = {part: LabelledCells(split[split["split"] == part], labels, store) for part in (TRAIN, VALIDATION)}
+    labels, cells = load_labelled_cells(split_path, tokens_paths)
     plan = TrainingPlan.make(len(cells[TRAIN]), train)
     if plan.total_steps == 0:
         raise HelixflowError(split_path, f"{len(cells[TRAIN])} training cells make no optimizer step of "
@@ -160,6 +157,13 @@ def finetune(
         tracker.log_artifacts(out_log)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return {**metadata, "seconds_this_session": progress.elapsed}
+
+
+def load_labelled_cells(split_path: str | Path, tokens_paths: list[str | Path]) -> tuple[list[str], dict[str, LabelledCells]]:
+    """The class names, and the train and validation cells of a label split (numbers only, read in blocks)."""
+    labels = class_names(split_path)
+    store = TokenStore(tokens_paths)
+    return labels, {part: LabelledCells.read(split_path, part, labels, store) for part in (TRAIN, VALIDATION)}
 
 
 def train_to_epoch_end(engine, cells: LabelledCells, plan: TrainingPlan, seed: int, state: dict, tracker,
@@ -209,7 +213,7 @@ def validate(engine, cells: LabelledCells, n_classes: int, batch_size: int, epoc
 def run_fingerprint(split_path, tokens_paths, files: ModelFiles, profile: dict, seed: int) -> str:
     """What a checkpoint must have been trained on to be resumed: split, tokens, model, settings."""
     facts = {
-        "split": hashlib.sha256(Path(split_path).read_bytes()).hexdigest(),
+        "split": _file_sha256(split_path),
         "tokens": sorted((Path(path).stem, Path(path).stat().st_size) for path in tokens_paths),
         "model": files.model_name,
         "model_config": hashlib.sha256((files.model_dir / "config.json").read_bytes()).hexdigest(),
@@ -218,6 +222,11 @@ def run_fingerprint(split_path, tokens_paths, files: ModelFiles, profile: dict, 
         "seed": seed,
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def _file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as handle:  # in blocks: a label split of ten million cells is large
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def prepare_checkpoints(checkpoints: str | Path, fingerprint: str) -> bool:

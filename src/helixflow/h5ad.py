@@ -1,8 +1,8 @@
 """Reading .h5ad files by blocks of cells, never the whole matrix, and checking them first.
 
 Only the rows asked for are read: the counts matrix through anndata's on-disk sparse dataset
-(CSR row slices) or an h5py row slice (dense), ``obs`` through anndata's lazy reader. Files are
-always opened read-only, so the input is never modified.
+(CSR row slices) or an h5py row slice (dense), ``obs`` column by column (h5py row slices). Files
+are always opened read-only, so the input is never modified.
 
 Raw counts may sit where public datasets keep them: in ``X`` (helixflow's own and 10x's
 convention), in a layer (``layers/counts``, scanpy's habit, with a normalised ``X``), or in
@@ -20,8 +20,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from anndata.experimental import read_elem_lazy
-from anndata.io import read_elem, sparse_dataset
+from anndata.io import read_elem, sparse_dataset, write_elem
 
 from helixflow.errors import HelixflowError
 
@@ -176,11 +175,49 @@ def obs_has_column(path: str | Path, column: str) -> bool:
         return column in handle["obs"] and column != handle["obs"].attrs.get("_index")
 
 
-def read_obs_rows(handle: h5py.File, start: int, stop: int) -> pd.DataFrame:
-    """Return ``obs`` rows ``start:stop`` without loading the other rows."""
-    lazy = read_elem_lazy(handle["obs"])
-    rows = lazy.iloc[start:stop]
-    return rows.to_memory() if hasattr(rows, "to_memory") else rows
+def read_obs_rows(handle: h5py.File, start: int, stop: int, columns: list[str] | None = None) -> pd.DataFrame:
+    """Return ``obs`` rows ``start:stop`` (all columns, or ``columns``) without reading other rows.
+
+    Each column is an h5py row slice (categoricals: their codes, plus the categories), so
+    memory is set by ``stop - start``, not by the file's number of cells.
+    """
+    obs = handle["obs"]
+    if _encoding(obs) != "dataframe":
+        raise HelixflowError(handle.filename, f"obs is not a dataframe (encoding '{_encoding(obs)}')")
+    names = list(obs.attrs.get("column-order", []))
+    names = names if columns is None else [name for name in names if name in columns]
+    index_key = obs.attrs["_index"]
+    frame = pd.DataFrame({name: _read_column_rows(obs[name], start, stop) for name in names},
+                         index=pd.Index(_read_column_rows(obs[index_key], start, stop)), columns=names)
+    if index_key != "_index":
+        frame.index.name = index_key
+    return frame
+
+
+def _encoding(element) -> str:
+    encoding = element.attrs.get("encoding-type", "")
+    return encoding.decode() if isinstance(encoding, bytes) else str(encoding)
+
+
+def _read_column_rows(element, start: int, stop: int):
+    """Rows ``start:stop`` of one obs column, in the type anndata reads it as."""
+    encoding = _encoding(element)
+    if encoding == "string-array":
+        return element.asstr()[start:stop]
+    if encoding in ("array", ""):
+        return element[start:stop]
+    if encoding == "categorical":
+        categories = read_elem(element["categories"])
+        return pd.Categorical.from_codes(element["codes"][start:stop], categories=categories,
+                                         ordered=bool(element.attrs.get("ordered", False)))
+    if encoding in ("nullable-integer", "nullable-boolean", "nullable-string-array"):
+        values = element["values"]
+        values = values.asstr()[start:stop] if encoding == "nullable-string-array" else values[start:stop]
+        mask = element["mask"][start:stop]
+        if encoding == "nullable-string-array":
+            return pd.array(np.where(mask, None, values), dtype="string")
+        return pd.arrays.BooleanArray(values, mask) if encoding == "nullable-boolean" else pd.arrays.IntegerArray(values, mask)
+    raise HelixflowError(element.file.filename, f"obs column '{element.name}' has an encoding helixflow cannot read by rows ('{encoding}')")
 
 
 def iter_row_blocks(
@@ -194,7 +231,8 @@ def iter_row_blocks(
     key = counts_key(counts)
     try:
         with h5py.File(path, "r") as handle:
-            matrix = sparse_dataset(handle[key]) if layout.x_format == "csr" else handle[key]
+            # Uncached indptr: a row slice reads only its part of the index pointers.
+            matrix = sparse_dataset(handle[key], should_cache_indptr=False) if layout.x_format == "csr" else handle[key]
             for first in range(start, stop, block_size):
                 last = min(stop, first + block_size)
                 block = matrix[first:last]
@@ -206,3 +244,100 @@ def iter_row_blocks(
 def chunk_bounds(n_cells: int, chunk_size: int) -> list[tuple[int, int]]:
     """Split ``n_cells`` into consecutive ``(start, stop)`` ranges of at most ``chunk_size``."""
     return [(start, min(n_cells, start + chunk_size)) for start in range(0, n_cells, chunk_size)]
+
+
+def read_rows(dataset: h5py.Dataset, rows: np.ndarray, slab_bytes: int = 64 * 2**20) -> np.ndarray:
+    """Rows ``rows`` (increasing) of an on-disk array, read in slabs of about ``slab_bytes``: memory is the rows asked for."""
+    out = np.empty((len(rows), *dataset.shape[1:]), dtype=dataset.dtype)
+    if not len(rows):
+        return out
+    slab_rows = max(1, slab_bytes // (int(np.prod(dataset.shape[1:])) * dataset.dtype.itemsize))
+    for first in range(int(rows[0]), int(rows[-1]) + 1, slab_rows):
+        inside = slice(*np.searchsorted(rows, [first, first + slab_rows]))
+        wanted = rows[inside]
+        if not len(wanted):
+            continue
+        if len(wanted) * 8 < slab_rows:  # few rows in this slab: read just them
+            out[inside] = dataset[wanted]
+        else:
+            out[inside] = dataset[first : int(wanted[-1]) + 1][wanted - first]
+    return out
+
+
+def read_obs_column(handle: h5py.File, name: str, rows: np.ndarray, block_rows: int = 1_000_000) -> np.ndarray:
+    """Values of obs column ``name`` at ``rows`` (increasing), read in blocks of ``block_rows`` rows."""
+    n_rows = handle["obs"][handle["obs"].attrs["_index"]].shape[0]
+    pieces = []
+    for first in range(0, n_rows, block_rows):
+        inside = rows[(rows >= first) & (rows < first + block_rows)]
+        if len(inside):
+            values = _read_column_rows(handle["obs"][name], first, min(n_rows, first + block_rows))
+            pieces.append(np.asarray(values, dtype=object)[inside - first])
+    return np.concatenate(pieces) if pieces else np.empty(0, dtype=object)
+
+
+GROWABLE = {"maxshape": (None,), "chunks": True}  # write_elem's datasets that append_obs can extend
+
+
+def write_growable_obs(handle: h5py.Group, obs: pd.DataFrame) -> None:
+    """Write ``obs`` as anndata does, in datasets that :func:`append_obs` can extend."""
+    write_elem(handle, "obs", obs, dataset_kwargs=GROWABLE)
+
+
+def append_obs(group: h5py.Group, rows: pd.DataFrame) -> None:
+    """Append ``rows`` to an ``obs`` group written by :func:`write_growable_obs`.
+
+    The rows must have the columns of the group's first rows, each of the same kind;
+    categories new to a categorical column are added to its categories.
+    """
+    names = list(group.attrs["column-order"])
+    if list(rows.columns) != names:
+        raise HelixflowError(group.file.filename, f"obs columns {list(rows.columns)} differ from the first rows' {names}")
+    _append_column(group[group.attrs["_index"]], np.asarray(rows.index, dtype=object), "_index")
+    for name in names:
+        _append_column(group[name], rows[name], name)
+
+
+def _append_column(element, values, name: str) -> None:
+    encoding = _encoding(element)
+    if encoding == "categorical":
+        if not isinstance(values.dtype, pd.CategoricalDtype):
+            raise HelixflowError(element.file.filename, f"obs column '{name}' is categorical in the first rows only")
+        known = list(read_elem(element["categories"]))
+        new = [category for category in values.cat.categories if category not in set(known)]
+        if new:
+            _extend(element["categories"], np.asarray(new, dtype=object))
+        position = {category: i for i, category in enumerate(known + new)}
+        remap = np.array([position[category] for category in values.cat.categories] + [-1], dtype=np.int64)
+        codes = remap[values.cat.codes.to_numpy()]  # code -1 (missing) maps to the trailing -1
+        if len(known) + len(new) > np.iinfo(element["codes"].dtype).max:
+            raise HelixflowError(element.file.filename, f"obs column '{name}' has too many categories to gather")
+        _extend(element["codes"], codes.astype(element["codes"].dtype))
+    elif encoding.startswith("nullable-"):
+        array = pd.array(values)
+        target = element["values"]
+        na_value = "" if target.dtype.kind == "O" else 0  # under the mask, any value
+        _extend(target, array.to_numpy(dtype=target.dtype if na_value == 0 else object, na_value=na_value))
+        _extend(element["mask"], np.asarray(array.isna()))
+    else:
+        array = np.asarray(values)
+        _extend(element, array.astype(object) if element.dtype.kind == "O" else array.astype(element.dtype))
+
+
+def _extend(dataset: h5py.Dataset, values: np.ndarray) -> None:
+    first = dataset.shape[0]
+    dataset.resize((first + len(values),))
+    dataset[first:] = values
+
+
+def write_empty_matrix(handle: h5py.Group, key: str, n_rows: int, dtype=np.float32, block_rows: int = 1_000_000) -> None:
+    """Write an ``n_rows`` x 0 CSR matrix, as anndata does, without holding its index pointers in memory."""
+    group = handle.create_group(key)
+    group.attrs["encoding-type"] = "csr_matrix"
+    group.attrs["encoding-version"] = "0.1.0"
+    group.attrs["shape"] = (n_rows, 0)
+    group.create_dataset("data", (0,), dtype=dtype)
+    group.create_dataset("indices", (0,), dtype=np.int32)
+    indptr = group.create_dataset("indptr", (n_rows + 1,), dtype=np.int64, chunks=True)
+    for first in range(0, n_rows + 1, block_rows):
+        indptr[first : min(n_rows + 1, first + block_rows)] = 0

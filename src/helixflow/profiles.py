@@ -20,6 +20,8 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]
 PROFILE_SCHEMA = PROJECT_DIR / "workflow" / "schemas" / "profile.schema.yaml"
 DEFAULT_PROFILES_DIR = PROJECT_DIR / "config" / "profiles"
 STEP_KIND = {"finetune": "finetune", "embed": "embed", "evaluate": "embed", "annotate": "embed"}  # other steps are "light"
+# Steps that read the whole dataset, whose runtime (and, where the profile says so, memory) follow its cells.
+WHOLE_DATASET_STEPS = ("validate_input", "gather", "label_split", "finetune", "evaluate", "annotate")
 
 
 def _validator_with_defaults(schema: dict) -> jsonschema.protocols.Validator:
@@ -97,7 +99,11 @@ def list_profiles(profiles_dir: str | Path | None = None) -> list[str]:
 
 
 def step_resources(profile: dict, step: str, n_cells: int = 10_000) -> dict:
-    """Snakemake ``threads`` and ``resources`` of one step for a chunk of ``n_cells``.
+    """Snakemake ``threads`` and ``resources`` of one step for ``n_cells`` (a chunk's, or for a
+    whole-dataset step, the dataset's).
+
+    Memory is the profile's ``memory_mb`` of the step's kind, plus, for the steps listed in
+    ``memory_mb_per_million_cells``, that much per million of ``n_cells``.
 
     Returns
     -------
@@ -107,9 +113,10 @@ def step_resources(profile: dict, step: str, n_cells: int = 10_000) -> dict:
     """
     kind = STEP_KIND.get(step, "light")
     uses_gpu = kind != "light" and profile["gpu"]["count"] > 0
+    per_million = profile["memory_mb_per_million_cells"].get(step, 0)
     resources = {
         "threads": profile["threads"] if kind != "light" else min(profile["threads"], 2),
-        "mem_mb": profile["memory_mb"][kind],
+        "mem_mb": profile["memory_mb"][kind] + math.ceil(per_million * n_cells / 1_000_000),
         "runtime": max(1, math.ceil(profile["runtime_min_per_10k_cells"][kind] * n_cells / 10_000)),
     }
     if uses_gpu:

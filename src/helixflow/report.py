@@ -12,10 +12,10 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from anndata.experimental import read_elem_lazy
 
 from helixflow.embedding import EMBEDDING_KEY
 from helixflow.errors import HelixflowError
+from helixflow.h5ad import read_obs_column, read_rows
 from helixflow.metrics import read_records
 from helixflow.outputs import atomic_path
 
@@ -45,13 +45,13 @@ def plot_embedding_map(
         n_cells = handle[f"obsm/{EMBEDDING_KEY}"].shape[0]
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(n_cells, size=min(n_cells, max_cells), replace=False))
-        embeddings = handle[f"obsm/{EMBEDDING_KEY}"][rows]
+        embeddings = read_rows(handle[f"obsm/{EMBEDDING_KEY}"], rows)  # only the sampled cells are read
         labels = None
         if label:
-            obs = read_elem_lazy(handle["obs"])
-            if label not in obs.columns:
-                raise HelixflowError(h5ad, f"no obs column '{label}' to colour by (columns: {', '.join(obs.columns)})")
-            labels = np.asarray(obs[label].to_numpy() if hasattr(obs[label], "to_numpy") else obs[label])[rows]
+            columns = list(handle["obs"].attrs["column-order"])
+            if label not in columns:
+                raise HelixflowError(h5ad, f"no obs column '{label}' to colour by (columns: {', '.join(columns)})")
+            labels = read_obs_column(handle, label, rows)
     finite = np.isfinite(embeddings).all(axis=1)
     sample = ad.AnnData(obsm={EMBEDDING_KEY: embeddings[finite]})
     sample.obs_names = [str(r) for r in rows[finite]]
@@ -62,7 +62,10 @@ def plot_embedding_map(
         colour, clusters = "cluster", embedding_clusters(sample.obsm[EMBEDDING_KEY], seed)
         colour_title = f"k-means cluster (k={clusters.categories.size})"
         sample.obs[colour] = clusters
-    sc.pp.neighbors(sample, use_rep=EMBEDDING_KEY, n_neighbors=min(15, max(2, sample.n_obs - 1)), random_state=seed)
+    # Exact neighbours (sklearn): cheap for max_cells cells, and past 4,096 cells scanpy 1.11's default
+    # (pynndescent) hands scipy 1.17 a csr_array that its neighbour shortcut cannot read (no getnnz).
+    sc.pp.neighbors(sample, use_rep=EMBEDDING_KEY, n_neighbors=min(15, max(2, sample.n_obs - 1)), random_state=seed,
+                    transformer="sklearn")
     sc.tl.umap(sample, random_state=seed)
 
     summary = {"cells": int(n_cells), "cells_plotted": int(finite.sum()), "cells_without_embedding_in_sample": int((~finite).sum()),

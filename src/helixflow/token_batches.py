@@ -10,9 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from helixflow.errors import HelixflowError
+from helixflow.label_split import iter_label_split
 from helixflow.tokenization import open_tokens
 
 LENGTH_WINDOW_BATCHES = 50  # training cells are length-sorted within windows of this many batches
@@ -34,20 +36,30 @@ class TokenStore:
             table = open_tokens(path)
             self.columns[Path(path).stem] = table.column("input_ids")
             self.lengths[Path(path).stem] = table.column("length").to_numpy()
+        self.chunk_names = list(self.columns)
 
-    def cell_lengths(self, chunks: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Tokens per cell of the given ``(chunk, row)`` pairs."""
+    def chunk_codes(self, chunks) -> np.ndarray:
+        """Position of each cell's chunk among ``chunk_names`` (int32; 4 bytes a cell, not a string)."""
+        codes = pd.Categorical(chunks, categories=self.chunk_names).codes.astype(np.int32)
+        if (codes < 0).any():
+            unknown = pd.Series(chunks)[codes < 0].iloc[0]
+            raise HelixflowError(unknown, f"no tokens file for this chunk among {len(self.chunk_names)} given")
+        return codes
+
+    def cell_lengths(self, codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Tokens per cell of the given ``(chunk code, row)`` pairs, one pass per chunk."""
         out = np.empty(len(rows), dtype=np.int64)
-        for chunk in np.unique(chunks):
-            if chunk not in self.lengths:
-                raise HelixflowError(chunk, f"no tokens file for this chunk among {len(self.lengths)} given")
-            mask = chunks == chunk
-            out[mask] = self.lengths[chunk][rows[mask]]
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(self.chunk_names) + 1))
+        for code, name in enumerate(self.chunk_names):
+            cells = order[bounds[code] : bounds[code + 1]]
+            out[cells] = self.lengths[name][rows[cells]]
         return out
 
-    def cells(self, chunks: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
+    def cells(self, codes: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
         """Token ids of the given cells, in the order asked for."""
-        return [self.columns[chunk][int(row)].values.to_numpy(zero_copy_only=False) for chunk, row in zip(chunks, rows)]
+        return [self.columns[self.chunk_names[code]][int(row)].values.to_numpy(zero_copy_only=False)
+                for code, row in zip(codes, rows)]
 
 
 def pad_batch(cells: list[np.ndarray], pad_token: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,10 +100,14 @@ def inference_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
 class LabelledCells:
     """One part (train or validation) of a label split, with its cells' tokens and classes.
 
+    Per cell only numbers are kept (chunk code, row, target, length, position in the
+    dataset): about 28 bytes a cell, so ten million cells take some 300 MB.
+
     Parameters
     ----------
     split
-        The rows of a label split table for this part (``chunk``, ``row``, ``label``).
+        The rows of a label split table for this part (``chunk``, ``row``, ``label``, and
+        optionally ``cell_index``).
     labels
         Class names; a cell's target is the index of its label.
     store
@@ -99,15 +115,28 @@ class LabelledCells:
     """
 
     def __init__(self, split, labels: list[str], store: TokenStore) -> None:
-        self.chunks = split["chunk"].to_numpy()
-        self.rows = split["row"].to_numpy()
         self.store = store
-        self.lengths = store.cell_lengths(self.chunks, self.rows)
-        self.targets = split["label"].map({label: i for i, label in enumerate(labels)}).to_numpy(dtype=np.int64)
+        self.chunk_codes = store.chunk_codes(split["chunk"])
+        self.rows = split["row"].to_numpy(dtype=np.int32)
+        self.lengths = store.cell_lengths(self.chunk_codes, self.rows)
+        self.targets = pd.Categorical(split["label"], categories=labels).codes.astype(np.int64)
+        self.cell_index = split["cell_index"].to_numpy(dtype=np.int64) if "cell_index" in split else None
+
+    @classmethod
+    def read(cls, split_path: str | Path, part: str, labels: list[str], store: TokenStore) -> LabelledCells:
+        """The cells of ``part`` of a label split file, read block by block (no cell ids, no strings kept)."""
+        blocks = []
+        for block in iter_label_split(split_path, ["cell_index", "chunk", "row", "label", "split"]):
+            block = block[block["split"] == part]
+            blocks.append(pd.DataFrame({"cell_index": block["cell_index"].to_numpy(dtype=np.int64),
+                                        "chunk": pd.Categorical(block["chunk"], categories=store.chunk_names),
+                                        "row": block["row"].to_numpy(dtype=np.int32),
+                                        "label": pd.Categorical(block["label"], categories=labels)}))
+        return cls(pd.concat(blocks, ignore_index=True), labels, store)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def fetch(self, positions: np.ndarray) -> list[np.ndarray]:
         """Token ids of the cells at ``positions`` of this part."""
-        return self.store.cells(self.chunks[positions], self.rows[positions])
+        return self.store.cells(self.chunk_codes[positions], self.rows[positions])

@@ -429,4 +429,4 @@ def _obs_total_counts(path: str | Path, first: int, n_cells: int) -> np.ndarray 
     with h5py.File(path, "r") as handle:
         if "n_counts" not in handle["obs"]:
             return None
-        return read_obs_rows(handle, first, first + n_cells)["n_counts"].to_numpy(dtype=np.float64)
+        return read_obs_rows(handle, first, first + n_cells, ["n_counts"])["n_counts"].to_numpy(dtype=np.float64)
