@@ -1,8 +1,10 @@
 """The front door recovers by itself: kill -9 at every step, SIGTERM, one run per folder, memory, provenance.
 
-Every test drives `helixflow run` as a user does. One uninterrupted reference run is compared with
-a run that is killed (the front door's and snakemake's process groups, SIGKILL) as soon as each
-step starts, and restarted with the same command each time, no `--unlock` or other manual step.
+The workflow tests drive `helixflow run` as a user does. One uninterrupted reference run is compared
+with a run that is killed (the front door's and snakemake's process groups, SIGKILL) as soon as
+each step starts, and restarted with the same command each time, no `--unlock` or other manual step.
+Measured on the shared 2-core machine under heavy load: reference run 360-510 s, the kill chain
+(11 runs) 580 s, the memory test 65-85 s, the rerun-trigger test 80-105 s, the lock tests 6 s.
 """
 
 from __future__ import annotations
