@@ -3,8 +3,9 @@
 The workflow tests drive `helixflow run` as a user does. One uninterrupted reference run is compared
 with a run that is killed (the front door's and snakemake's process groups, SIGKILL) as soon as
 each step starts, and restarted with the same command each time, no `--unlock` or other manual step.
-Measured on the shared 2-core machine under heavy load: reference run 360-510 s, the kill chain
-(11 runs) 580 s, the memory test 65-85 s, the rerun-trigger test 80-105 s, the lock tests 6 s.
+Measured on the shared 2-core machine (load 10-18): the whole module 13 min (reference run 330-510 s,
+the kill chain of 11 runs 340-580 s, the memory test 30-85 s, the rerun-trigger test 35-105 s,
+the lock tests 2-6 s).
 """
 
 from __future__ import annotations
