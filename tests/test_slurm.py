@@ -151,8 +151,8 @@ def expected_request(profile: dict, rule: str, attempt: int = 1) -> dict[str, st
     """What a job of `rule` asks SLURM for, as workflow/rules/*.smk derive it from the profile."""
     chunk = step_resources(profile, rule, CHUNK_SIZE)
     whole = step_resources(profile, rule, CELLS)
-    runtime = whole["runtime"] if rule in WHOLE_DATASET_RULES else chunk["runtime"]
-    threads = 1 if rule == "pipeline_info" else chunk["threads"]
+    runtime = (whole["runtime"] if rule in WHOLE_DATASET_RULES else chunk["runtime"]) * attempt
+    threads = 1 if rule in ("pipeline_info", "software_versions") else chunk["threads"]
     request = {"NumCPUs": str(threads), "MinMemoryNode": f"{chunk['mem_mb'] * attempt}M",
                "TimeLimit": f"{runtime // 60:02d}:{runtime % 60:02d}:00"}
     if "gpu" in chunk:
@@ -178,7 +178,7 @@ def test_every_job_asked_for_what_the_profile_gives(runs, work, cluster):
 
     rules = {rule for rule, _, _ in ran}
     assert rules == {"stage_model", "validate_input", "split", "tokenize", "embed", "gather",
-                     "plot_embeddings", "label_split", "finetune", "evaluate", "pipeline_info"}
+                     "plot_embeddings", "label_split", "finetune", "evaluate", "pipeline_info", "software_versions"}
     assert {chunk for rule, chunk, _ in ran if rule == "split"} == set(CHUNKS)
     failed = [(rule, chunk) for rule, chunk, state in ran if state != "COMPLETED"]
     # The jobs that read the bad chunk, each with its retry (twice the memory, checked above).
@@ -197,11 +197,11 @@ def test_failed_chunk_fails_the_run_with_its_log_and_is_redone_alone(runs, work)
     # The chunk's tokens are redone, and so is everything that reads them: its embedding and,
     # through the label split, fine-tuning and evaluation.
     assert runs["plan"] == {"tokenize": 1, "embed": 1, "gather": 1, "plot_embeddings": 1, "label_split": 1,
-                            "finetune": 1, "evaluate": 1, "pipeline_info": 1, "all": 1}
+                            "finetune": 1, "evaluate": 1, "pipeline_info": 1, "software_versions": 1, "all": 1}
     redone = [rule_and_chunk(record) for record in runs["rerun"][1]]
     assert sorted(redone) == sorted([("tokenize", BAD_CHUNK), ("embed", BAD_CHUNK), ("gather", None),
                                      ("plot_embeddings", None), ("label_split", None), ("finetune", None),
-                                     ("evaluate", None), ("pipeline_info", None)])
+                                     ("evaluate", None), ("pipeline_info", None), ("software_versions", None)])
 
 
 def test_embeddings_equal_a_direct_computation(runs, work, tmp_path):

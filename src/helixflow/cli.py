@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,14 +18,19 @@ from pathlib import Path
 
 from helixflow.errors import HelixflowError
 from helixflow.profiles import PROJECT_DIR
+from helixflow.run_lock import LOCK_ENV, RunLock, clear_stale_snakemake_locks
 from helixflow.step_logs import report_failed_step
 
 SNAKEFILE = PROJECT_DIR / "workflow" / "Snakefile"
 DEFAULT_CONFIG = PROJECT_DIR / "config" / "config.yaml"
 # --until STEP: the last rule of each user-facing step.
 WORKFLOW_PROFILES = sorted(p.name for p in (PROJECT_DIR / "workflow" / "profiles").iterdir() if p.is_dir())
+# SIGTERM/SIGINT of `helixflow run`: how long snakemake gets to end its jobs before all are killed.
+STOP_TIMEOUT_S = 30.0
+STOP_SIGNALS = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGINT: "SIGINT"}
 UNTIL_RULES = {"stage": "stage_model", "validate": "validate_input", "split": "split",
-               "tokenize": "tokenize", "embed": "gather", "finetune": "finetune", "evaluate": "evaluate"}
+               "tokenize": "tokenize", "embed": "gather", "label_split": "label_split", "finetune": "finetune",
+               "evaluate": "evaluate", "annotate": "annotate"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +58,8 @@ def _run_measured_step(args) -> int:
     from helixflow.metrics import step_metrics
 
     logging.basicConfig(level=logging.INFO, format="helixflow: %(message)s", stream=sys.stderr)  # the step's log
+    # SIGTERM (a stopped run) ends the step like an error: atomic outputs remove their partial files.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with step_metrics(args.metrics_step, getattr(args, "chunk_name", None) or "all") as record:
         record.cells = args.handler(args)
     return 0
@@ -93,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-finetune", action="store_true",
                      help="embeddings and report only: no label split, fine-tuning or evaluation")
     run.add_argument("--dry-run", action="store_true", help="show the jobs without running them")
+    # Resuming, stopping and local resources (helixflow.run_lock, helixflow.local_resources).
+    run.add_argument("--memory", type=int, metavar="MB",
+                     help="memory (MB) the jobs may use at once; default with the default workflow profile: "
+                          "this machine's (or its container's) memory less 1024 MB for snakemake")
+    run.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT_S, metavar="SECONDS",
+                     help="after SIGTERM or Ctrl-C, how long running jobs get to end before they are killed; "
+                          f"default: {STOP_TIMEOUT_S:.0f}")
     run.set_defaults(handler=cmd_run)
 
     info = commands.add_parser("info", help="versions, device and model metadata", description=(
@@ -267,6 +282,12 @@ def _add_step_parsers(commands) -> None:
     _add_inference_args(evaluate)
     evaluate.set_defaults(handler=cmd_step_evaluate, metrics_step="evaluate")
 
+    versions = steps.add_parser("software-versions", help="write pipeline_info/software_versions.yml")
+    versions.add_argument("out", type=Path)
+    versions.add_argument("--embeddings", type=Path, required=True, help="the gathered embeddings (their provenance record)")
+    versions.add_argument("--workflow-versions", required=True, help="'name=version ...' of the workflow's own process")
+    versions.set_defaults(handler=cmd_step_software_versions)
+
     trace = steps.add_parser("trace", help="per-job execution trace from benchmark files")
     trace.add_argument("benchmarks", type=Path)
     trace.add_argument("out_tsv", type=Path)
@@ -291,10 +312,13 @@ def _symbol_map(args):
 
 def cmd_run(args) -> int:
     from helixflow.h5ad import inspect_h5ad
+    from helixflow.local_resources import jobs_memory_mb
     from helixflow.profiles import load_profile
 
     # Check what snakemake would otherwise report inside a traceback.
     layout = inspect_h5ad(args.input, args.counts_source or "auto")
+    if args.until == "annotate" and not args.annotate:
+        raise HelixflowError(args.input, "--until annotate needs --annotate DATASET (the .h5ad to label)")
     profile = load_profile(args.model, args.profiles_dir)
     if args.until == "stage" and _is_staged(profile, args.models_dir, args.configfile):
         # The workflow has no stage_model job for a staged model: nothing to do.
@@ -313,6 +337,11 @@ def cmd_run(args) -> int:
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", os.getcwd(), "--configfile", str(args.configfile),
                "--workflow-profile", str(PROJECT_DIR / "workflow" / "profiles" / args.workflow_profile),
                "--cores", str(args.cores), "--rerun-incomplete", "--show-failed-logs", "--config", *config]
+    # Local jobs run side by side only as far as the memory allows (each asks its profile's mem_mb);
+    # on a cluster each job gets its own memory from the scheduler instead.
+    memory_mb = args.memory or (jobs_memory_mb() if args.workflow_profile == "default" else None)
+    if memory_mb:
+        command[command.index("--config"):command.index("--config")] = ["--resources", f"mem_mb={memory_mb}"]
     if args.no_finetune:
         # --config cannot set a nested boolean; a second config file (merged over the first) can.
         override = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="helixflow-config-", delete=False)
@@ -324,25 +353,39 @@ def cmd_run(args) -> int:
     if args.dry_run:
         command.append("--dry-run")
     command += args.snakemake_args
-    print(f"helixflow: {layout.n_cells:,} cells x {layout.n_genes:,} genes, profile {args.model}", file=sys.stderr)
+    print(f"helixflow: {layout.n_cells:,} cells x {layout.n_genes:,} genes, profile {args.model}"
+          + (f", jobs' memory {memory_mb:,} MB" if memory_mb else ""), file=sys.stderr)
     print("helixflow: " + shlex.join(command), file=sys.stderr)
     try:
-        return _run_snakemake(command, config, args, environment_path=Path(sys.executable).parent)
+        if args.dry_run:  # snakemake itself takes no lock for a dry run, and it writes nothing
+            return _run_snakemake(command, config, args, environment_path=Path(sys.executable).parent)
+        with RunLock(args.out, shlex.join(["helixflow", *sys.argv[1:]])) as lock:
+            if lock.interrupted:
+                print(f"helixflow: resuming an interrupted run of this folder ({lock.interrupted.describe()})", file=sys.stderr)
+            for stale in clear_stale_snakemake_locks(os.getcwd(), args.out):
+                print(f"helixflow: removed snakemake's lock {stale}, left by a killed run", file=sys.stderr)
+            return _run_snakemake(command, config, args, environment_path=Path(sys.executable).parent, lock=lock)
     finally:
         if args.no_finetune:
             os.unlink(override.name)
 
 
-def _run_snakemake(command: list[str], config: list[str], args, environment_path: Path) -> int:
+def _run_snakemake(command: list[str], config: list[str], args, environment_path: Path, lock: RunLock | None = None) -> int:
     """Run the workflow, then its HTML report; print where the results are."""
     started = time.monotonic()
     environment = dict(os.environ, PATH=os.pathsep.join([str(environment_path), os.environ.get("PATH", "")]))
-    result = subprocess.run(command, env=environment)
-    if result.returncode != 0:
-        print(f"helixflow: error: the workflow failed (snakemake exit {result.returncode}); "
+    if lock is not None:
+        environment[LOCK_ENV] = str(lock.path.resolve())
+    returncode = _snakemake_until_done(command, environment, lock, args.stop_timeout)
+    if returncode in STOP_SIGNALS:
+        print(f"helixflow: stopped by {STOP_SIGNALS[returncode]}: running jobs were ended and their outputs removed; "
+              f"run the same command to resume", file=sys.stderr)
+        return returncode
+    if returncode != 0:
+        print(f"helixflow: error: the workflow failed (snakemake exit {returncode}); "
               f"see the log named above, or rerun the same command to resume", file=sys.stderr)
         report_failed_step(args.out, since=time.time() - (time.monotonic() - started))
-        return result.returncode
+        return returncode
     if args.dry_run:
         return 0
     if args.until == "report":
@@ -362,6 +405,53 @@ def _run_snakemake(command: list[str], config: list[str], args, environment_path
         print(f"helixflow: annotated:  {args.out / 'annotate' / (args.annotate.stem + '.h5ad')}")
     print(f"helixflow: done in {time.monotonic() - started:.0f} s; trace: {args.out / 'pipeline_info'}")
     return 0
+
+
+def _snakemake_until_done(command: list[str], environment: dict, lock: RunLock | None, stop_timeout: float) -> int:
+    """Run snakemake in its own process group; SIGTERM or SIGINT stop it and its jobs cleanly.
+
+    On the first signal, the whole group (snakemake, its jobs' shells and steps) gets SIGTERM:
+    the steps end (removing their partial files), snakemake removes the failed jobs' outputs
+    and exits. Whatever still runs after ``stop_timeout`` seconds, or after a second signal,
+    is killed. Returns snakemake's exit code, or 128 + the signal's number after a stop.
+    """
+    received: list[tuple[int, float]] = []  # (signal, when)
+    process = None
+
+    def stop(signum, frame):
+        received.append((signum, time.monotonic()))
+        if process is not None:
+            _signal_group(process.pid, signal.SIGTERM if len(received) == 1 else signal.SIGKILL)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        process = subprocess.Popen(command, env=environment, start_new_session=True,
+                                   pass_fds=(lock.fd,) if lock is not None else ())
+        if received:  # a signal while it started
+            _signal_group(process.pid, signal.SIGTERM)
+        if lock is not None:
+            lock.record_snakemake(process.pid)
+        while True:
+            try:
+                returncode = process.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if received and time.monotonic() - received[0][1] > stop_timeout:
+                    _signal_group(process.pid, signal.SIGKILL)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        _signal_group(process.pid, signal.SIGKILL)  # no job outlives the run
+        return 128 + received[0][0]
+    return returncode
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass  # the group has ended
 
 
 def _is_staged(profile: dict, models_dir: Path | None, configfile: Path) -> bool:
@@ -507,18 +597,25 @@ def cmd_step_tokenize(args) -> int:
 def cmd_step_embed(args) -> int:
     from helixflow.embedding import embed_chunk
 
+    from helixflow.provenance import provenance
+
     profile, files = _model_files(args)
     started = time.monotonic()
     cells = embed_chunk(args.tokens, args.chunk, files, args.out, args.batch_size or profile["embed"]["batch_size"],
-                        profile["device"], profile["precision"], args.threads, progress=True)
+                        profile["device"], profile["precision"], args.threads, progress=True,
+                        provenance=provenance(files, profile["name"]))
     print(f"helixflow: embedded {cells} cells in {time.monotonic() - started:.1f} s -> {args.out}")
     return cells
 
 
 def cmd_step_gather(args) -> int:
-    from helixflow.embedding import gather_embeddings
+    from helixflow.embedding import chunk_provenance, gather_embeddings
+    from helixflow.provenance import common_provenance
 
-    cells = gather_embeddings(args.chunks, args.out, {"model_profile": args.model, "chunks": len(args.chunks)})
+    # The embed jobs' own record (the environment that computed the embeddings), one for all chunks.
+    record = common_provenance([chunk_provenance(chunk) for chunk in args.chunks], args.chunks[0].parent)
+    metadata = {"model_profile": args.model, "chunks": len(args.chunks), "provenance": record}
+    cells = gather_embeddings(args.chunks, args.out, metadata)
     print(f"helixflow: gathered {cells} cells from {len(args.chunks)} chunks -> {args.out}")
     return cells
 
@@ -572,6 +669,14 @@ def cmd_step_plot(args) -> int:
     summary = plot_embedding_map(args.embeddings, args.out_png, args.out_json, args.label, args.max_cells)
     print(json.dumps(summary))
     return summary["cells_plotted"]
+
+
+def cmd_step_software_versions(args) -> int:
+    from helixflow.provenance import write_software_versions
+
+    versions = write_software_versions(args.out, args.embeddings, args.workflow_versions)
+    print(json.dumps(versions, indent=1))
+    return 0
 
 
 def cmd_step_trace(args) -> int:

@@ -121,10 +121,13 @@ def embed_chunk(
     precision: str = "fp32",
     threads: int | None = None,
     progress: bool = False,
+    *,
+    provenance: dict | None = None,
 ) -> int:
     """Embed one tokenized chunk; write an .h5ad with the chunk's ``obs`` and the embeddings.
 
-    Returns the number of cells embedded.
+    ``provenance`` (versions and model checksums, :mod:`helixflow.provenance`) goes to
+    ``uns["provenance"]``. Returns the number of cells embedded.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -145,10 +148,17 @@ def embed_chunk(
         precision,
         progress=progress,
     )
-    result = ad.AnnData(X=sp.csr_matrix((len(obs), 0), dtype=np.float32), obs=obs, obsm={EMBEDDING_KEY: embeddings})
+    result = ad.AnnData(X=sp.csr_matrix((len(obs), 0), dtype=np.float32), obs=obs, obsm={EMBEDDING_KEY: embeddings},
+                        uns={"provenance": provenance} if provenance else None)
     with atomic_path(out) as partial:
         result.write_h5ad(partial)
     return len(obs)
+
+
+def chunk_provenance(chunk_file: str | Path) -> dict | None:
+    """The provenance record an embed job wrote into its chunk file (``None`` if it wrote none)."""
+    with h5py.File(chunk_file, "r") as handle:
+        return read_elem(handle["uns/provenance"]) if "uns/provenance" in handle else None
 
 
 def gather_embeddings(chunk_files: list[str | Path], out: str | Path, metadata: dict) -> int:

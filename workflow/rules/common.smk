@@ -8,6 +8,7 @@ from helixflow.h5ad import chunk_bounds, inspect_h5ad, obs_has_column
 from helixflow.metrics import push_workflow
 from helixflow.model_files import ModelFiles, model_facts
 from helixflow.profiles import load_profile, step_resources
+from helixflow.provenance import step_fingerprint
 
 OUTDIR = config["outdir"].rstrip("/")
 PROFILE = load_profile(config["model"], config["profiles_dir"])
@@ -83,13 +84,36 @@ wildcard_constraints:
 def resources_of(step, cells=config["chunk_size"]):
     """Snakemake threads/resources of a step, from the model profile.
 
-    mem_mb grows with the attempt: the profile's value first, twice that on the first
-    retry (--retries, e.g. after SLURM killed the job for memory), and so on.
+    mem_mb and runtime grow with the attempt: the profile's values first, twice those on the
+    first retry (--retries, e.g. after an out-of-memory kill or a SLURM time limit), and so on.
     """
     resources = step_resources(PROFILE, step, min(cells, LAYOUT.n_cells))
     resources["mem_mb"] = memory_by_attempt(resources["mem_mb"])
+    resources["runtime"] = by_attempt(resources["runtime"])
     return resources
 
 
+# --resources mem_mb (helixflow run: this machine's memory): local jobs run side by side within
+# it, and no job asks for more than there is (it then runs alone). None on a cluster.
+LOCAL_MEMORY_MB = getattr(
+    workflow.resource_settings.resources.get("mem_mb"), "value", None
+)
+
+
 def memory_by_attempt(mem_mb):
-    return lambda wildcards, attempt: mem_mb * attempt
+    if LOCAL_MEMORY_MB is None:
+        return by_attempt(mem_mb)
+    return lambda wildcards, attempt: min(mem_mb * attempt, LOCAL_MEMORY_MB)
+
+
+def by_attempt(value):
+    return lambda wildcards, attempt: value * attempt
+
+
+def provenance_of(step):
+    """A params value naming the versions and model checksums that ``step``'s results depend on.
+
+    Snakemake reruns a job whose params changed: new software or model files redo the affected
+    steps. Evaluated when the job is scheduled, so a model staged by this run counts.
+    """
+    return lambda wildcards: step_fingerprint(step, MODEL_FILES)

@@ -17,6 +17,7 @@ rule embed:
     resources:
         **{k: v for k, v in resources_of("embed").items() if k != "threads"},
     params:
+        provenance=provenance_of("embed"),
         model=MODEL_ARGS,
     shell:
         "helixflow step embed {input.tokens} {input.chunk} {output} {params.model} --threads {threads} --chunk-name {wildcards.chunk} > {log} 2>&1"
@@ -40,6 +41,7 @@ rule gather:
         mem_mb=resources_of("gather")["mem_mb"],
         runtime=resources_of("gather", LAYOUT.n_cells)["runtime"],
     params:
+        provenance=provenance_of("gather"),
         profile=PROFILE["name"],
     shell:
         "helixflow step gather {output} {input} --model {params.profile} > {log} 2>&1"

@@ -25,6 +25,7 @@ rule label_split:
         mem_mb=resources_of("label_split")["mem_mb"],
         runtime=resources_of("label_split", LAYOUT.n_cells)["runtime"],
     params:
+        provenance=provenance_of("label_split"),
         label=config["label_column"],
         fraction=config["finetune"]["validation_fraction"],
         seed=config["finetune"]["seed"],
@@ -59,6 +60,7 @@ rule finetune:
             if k != "threads"
         },
     params:
+        provenance=provenance_of("finetune"),
         model=MODEL_ARGS,
         checkpoints=f"{OUTDIR}/finetune/checkpoints",
         label=config["label_column"],
@@ -117,6 +119,7 @@ rule evaluate:
             if k != "threads"
         },
     params:
+        provenance=provenance_of("evaluate"),
         out_dir=lambda wildcards, output: Path(output.metrics).parent,
         inference=INFERENCE_ARGS,
     shell:
@@ -151,6 +154,7 @@ if ANNOTATE_INPUT:
                 if k != "threads"
             },
         params:
+            provenance=provenance_of("annotate"),
             inference=INFERENCE_ARGS,
             genes=GENE_ARGS,
         shell:

@@ -21,6 +21,7 @@ rule plot_embeddings:
         mem_mb=resources_of("plot_embeddings")["mem_mb"],
         runtime=resources_of("plot_embeddings")["runtime"],
     params:
+        provenance=provenance_of("plot_embeddings"),
         # Without labels the map is coloured by clusters of the embeddings.
         label=f"--label {config['label_column']!r}" if LABELLED else "",
         max_cells=config["report"]["max_cells_plotted"],

@@ -8,6 +8,8 @@ rule validate_input:
         f"{OUTDIR}/logs/validate_input.log",
     benchmark:
         f"{OUTDIR}/benchmarks/validate_input/all.tsv"
+    # Its failures are the input's problems: a retry (workflow profiles) would only repeat them.
+    retries: 0
     conda:
         "../../envs/helixflow.yaml"
     container:
@@ -17,6 +19,7 @@ rule validate_input:
         mem_mb=resources_of("validate_input")["mem_mb"],
         runtime=resources_of("validate_input", LAYOUT.n_cells)["runtime"],
     params:
+        provenance=provenance_of("validate_input"),
         model=MODEL_ARGS,
         genes=GENE_ARGS,
         raw=(
@@ -50,6 +53,7 @@ rule split:
         mem_mb=resources_of("split")["mem_mb"],
         runtime=resources_of("split")["runtime"],
     params:
+        provenance=provenance_of("split"),
         start=lambda wildcards: CHUNK_BOUNDS[wildcards.chunk][0],
         stop=lambda wildcards: CHUNK_BOUNDS[wildcards.chunk][1],
     shell:

@@ -17,6 +17,7 @@ rule tokenize:
         mem_mb=resources_of("tokenize")["mem_mb"],
         runtime=resources_of("tokenize")["runtime"],
     params:
+        provenance=provenance_of("tokenize"),
         model=MODEL_ARGS,
         genes=GENE_ARGS,
     shell:
