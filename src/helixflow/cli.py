@@ -22,7 +22,8 @@ DEFAULT_CONFIG = PROJECT_DIR / "config" / "config.yaml"
 # --until STEP: the last rule of each user-facing step.
 WORKFLOW_PROFILES = sorted(p.name for p in (PROJECT_DIR / "workflow" / "profiles").iterdir() if p.is_dir())
 UNTIL_RULES = {"stage": "stage_model", "validate": "validate_input", "split": "split",
-               "tokenize": "tokenize", "embed": "gather", "finetune": "finetune", "evaluate": "evaluate"}
+               "tokenize": "tokenize", "embed": "gather", "label_split": "label_split", "finetune": "finetune",
+               "evaluate": "evaluate", "annotate": "annotate"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,6 +282,8 @@ def cmd_run(args) -> int:
 
     # Check what snakemake would otherwise report inside a traceback.
     layout = inspect_h5ad(args.input)
+    if args.until == "annotate" and not args.annotate:
+        raise HelixflowError(args.input, "--until annotate needs --annotate DATASET (the .h5ad to label)")
     profile = load_profile(args.model, args.profiles_dir)
     if args.until == "stage" and _is_staged(profile, args.models_dir, args.configfile):
         # The workflow has no stage_model job for a staged model: nothing to do.

@@ -38,6 +38,8 @@ def validate_input(
     layout = inspect_h5ad(path)
     with h5py.File(path, "r") as handle:
         var = read_elem(handle["var"])
+        # What an orchestrator decides on (e.g. whether the label column is there) without the data.
+        obs_columns = [str(column) for column in handle["obs"].attrs.get("column-order", [])]
     tokenizer = CellTokenizer(files, var, gene_id_column, symbol_map, path)
     nonzero = 0
     for first, block in iter_row_blocks(path, 0, layout.n_cells, BLOCK_CELLS):
@@ -50,6 +52,7 @@ def validate_input(
         "genes": layout.n_genes,
         "genes_in_vocabulary": tokenizer.n_vocabulary_genes,
         "x_format": layout.x_format,
+        "obs_columns": obs_columns,
         "nonzero": nonzero,
         "model": files.model_name,
     }
