@@ -10,6 +10,7 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ARG HELICAL_VERSION=2.2.0
 ARG DEEPSPEED_VERSION=0.19.8
+ARG SLURM_PLUGIN_VERSION=2.8.0
 ARG APP_UID=1000
 ARG BAKE_MODEL_PROFILE=
 ARG BAKE_MODEL_FROM=
@@ -30,11 +31,12 @@ ENV LANG=C.UTF-8 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
-# Ubuntu 22.04 ships Python 3.11 in universe (helical 2.2.0 needs 3.11).
+# Ubuntu 22.04 ships Python 3.11 in universe (helical 2.2.0 needs 3.11). slurm-client + munge:
+# `--workflow-profile slurm*` submits from the container (as the CPU image; docs/hpc.md).
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        python3.11 python3.11-venv ca-certificates procps \
+        python3.11 python3.11-venv ca-certificates procps slurm-client munge \
     && apt-get clean \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv /opt/venv
@@ -47,6 +49,7 @@ RUN pip install --upgrade pip==26.3 setuptools==84.2.1 \
     && python -c 'import tomllib; print("\n".join(tomllib.load(open("/opt/helixflow/pyproject.toml", "rb"))["project"]["dependencies"]))' \
         | grep -v -E '^(torch|deepspeed)==' > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt "deepspeed==${DEEPSPEED_VERSION}" "torch==${TORCH_VERSION}" \
+    && pip install --no-deps "snakemake-executor-plugin-slurm==${SLURM_PLUGIN_VERSION}" \
     && rm /tmp/requirements.txt
 
 COPY . /opt/helixflow

@@ -1,5 +1,6 @@
-# helixflow CPU image: the orchestrator and every workflow step on CPU.
-#   Python 3.11 (Debian bookworm), helixflow, helical 2.2.0, snakemake, torch 2.13.0 (CPU).
+# helixflow CPU image: the orchestrator and every workflow step on CPU, fine-tuning included.
+#   Python 3.11 (Debian bookworm), helixflow, helical 2.2.0, snakemake, torch 2.13.0 (CPU),
+#   DeepSpeed 0.19.8 with its CPU ops compiled in, the SLURM client and executor plugin.
 # Build (context: the repository root):
 #   docker build -f containers/helixflow.Dockerfile -t helixflow:0.1.0 .
 #   ci/build-image.sh containers/helixflow.Dockerfile localhost/helixflow:0.1.0   # podman, no registry
@@ -10,19 +11,74 @@
 # Model files: mounted (a folder laid out as `helixflow model stage` leaves it, e.g. /data/models)
 # or baked in with --build-arg BAKE_MODEL_PROFILE=<profile> [--build-arg BAKE_MODEL_FROM=<path in
 # the context>] into /opt/helixflow-models. Containers never need the network.
+#
+# Two stages: `builder` has a C++ compiler and compiles DeepSpeed's CPU ops (cpu_adam for ZeRO's
+# offloaded optimizer, shm_comm for its CPU collectives) into the package, so fine-tuning needs
+# neither a compiler nor DeepSpeed's JIT build at run time; the final image gets the virtual
+# environment and no compiler. DeepSpeed compiles them with -march=native: the ops run on CPUs
+# with the build machine's instruction set (build the image where, or for what, it runs).
 # No BuildKit-only syntax: podman/buildah and the classic builder accept it.
 ARG BASE_IMAGE=debian:bookworm-slim
-FROM ${BASE_IMAGE}
+FROM ${BASE_IMAGE} AS builder
 
 ARG TORCH_VERSION=2.13.0
 ARG HELICAL_VERSION=2.2.0
-ARG APP_UID=1000
+ARG DEEPSPEED_VERSION=0.19.8
+ARG SLURM_PLUGIN_VERSION=2.8.0
 # Host pip sources, mounted into RUN steps by ci/build-image.sh; empty ones are unset.
 ARG PIP_INDEX_URL=
 ARG PIP_EXTRA_INDEX_URL=
 ARG PIP_FIND_LINKS=
 ARG PIP_CONSTRAINT=
 ARG HOST_CA_BUNDLE=
+
+ENV LANG=C.UTF-8 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+# Debian bookworm's python3 is 3.11; python3-dev and g++ build the DeepSpeed ops.
+RUN set -eu; \
+    apt_opts=""; [ -n "$HOST_CA_BUNDLE" ] && apt_opts="-o Acquire::https::CAInfo=$HOST_CA_BUNDLE"; \
+    export DEBIAN_FRONTEND=noninteractive; \
+    apt-get $apt_opts update; \
+    apt-get $apt_opts install -y --no-install-recommends python3 python3-venv python3-dev g++ ca-certificates; \
+    apt-get clean; rm -rf /var/lib/apt/lists/*; \
+    python3 -m venv /opt/venv; \
+    python -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version'
+
+# torch CPU, helical without its torch==2.7.0 pin, the runtime packages pyproject.toml lists
+# (DeepSpeed apart), then DeepSpeed from source against that torch with its CPU ops compiled
+# (DS_BUILD_*; DS_ACCELERATOR=cpu picks the CPU builders), then the SLURM executor plugin
+# without its numpy>=2.4.5 pin (as the Makefile; its other requirements are in pyproject.toml).
+COPY pyproject.toml /opt/helixflow/pyproject.toml
+RUN set -eu; \
+    for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_CONSTRAINT; do \
+        eval "[ -n \"\${$v:-}\" ]" || unset "$v"; done; \
+    [ -n "$HOST_CA_BUNDLE" ] && export PIP_CERT="$HOST_CA_BUNDLE"; \
+    pip install --upgrade pip==26.3 setuptools==84.2.1; \
+    pip install "torch==${TORCH_VERSION}"; \
+    pip install --no-deps "helical==${HELICAL_VERSION}"; \
+    python -c 'import tomllib; deps = tomllib.load(open("/opt/helixflow/pyproject.toml", "rb"))["project"]["dependencies"]; \
+        print("\n".join(d for d in deps if not d.startswith("deepspeed==")))' > /tmp/requirements.txt; \
+    pip install -r /tmp/requirements.txt; \
+    rm /tmp/requirements.txt; \
+    DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1 \
+        pip install --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}" "torch==${TORCH_VERSION}"; \
+    pip install --no-deps "snakemake-executor-plugin-slurm==${SLURM_PLUGIN_VERSION}"; \
+    python -c 'import torch; assert torch.__version__.startswith("'"$TORCH_VERSION"'"), torch.__version__'; \
+    DS_ACCELERATOR=cpu python -c 'from deepspeed.git_version_info import installed_ops as ops, accelerator_name as a; \
+        assert a == "cpu" and ops["cpu_adam"] and ops["deepspeed_shm_comm"], (a, ops)'
+
+FROM ${BASE_IMAGE}
+
+ARG APP_UID=1000
+ARG HOST_CA_BUNDLE=
+ARG PIP_INDEX_URL=
+ARG PIP_EXTRA_INDEX_URL=
+ARG PIP_FIND_LINKS=
+ARG PIP_CONSTRAINT=
 ARG BAKE_MODEL_PROFILE=
 ARG BAKE_MODEL_FROM=
 
@@ -37,33 +93,21 @@ ENV LANG=C.UTF-8 \
     HELIXFLOW_RESULTS_DIR=/results \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
-    MPLBACKEND=Agg
+    MPLBACKEND=Agg \
+    DS_ACCELERATOR=cpu
 
-# Debian bookworm's python3 is 3.11. procps: snakemake and psutil-based benchmarks use it.
+# procps: snakemake and psutil-based benchmarks use it; libgomp1: the OpenMP runtime of the
+# DeepSpeed ops; slurm-client + munge: `--workflow-profile slurm*` submits from the container
+# (mount the cluster's slurm.conf at /etc/slurm and its munge socket folder at /run/munge).
 RUN set -eu; \
     apt_opts=""; [ -n "$HOST_CA_BUNDLE" ] && apt_opts="-o Acquire::https::CAInfo=$HOST_CA_BUNDLE"; \
     export DEBIAN_FRONTEND=noninteractive; \
     apt-get $apt_opts update; \
-    apt-get $apt_opts install -y --no-install-recommends python3 python3-venv ca-certificates procps; \
+    apt-get $apt_opts install -y --no-install-recommends python3 ca-certificates procps libgomp1 slurm-client munge; \
     apt-get clean; rm -rf /var/lib/apt/lists/*; \
-    python3 -m venv /opt/venv; \
-    python -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version'
+    for cc in cc gcc g++ c++; do if command -v "$cc"; then echo "compiler $cc in the final image" >&2; exit 1; fi; done
 
-# Dependencies first (their own layer): torch CPU, helical without its torch==2.7.0 pin, then the
-# runtime packages pyproject.toml lists.
-COPY pyproject.toml /opt/helixflow/pyproject.toml
-RUN set -eu; \
-    for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_CONSTRAINT; do \
-        eval "[ -n \"\${$v:-}\" ]" || unset "$v"; done; \
-    [ -n "$HOST_CA_BUNDLE" ] && export PIP_CERT="$HOST_CA_BUNDLE"; \
-    pip install --upgrade pip==26.3 setuptools==84.2.1; \
-    pip install "torch==${TORCH_VERSION}"; \
-    pip install --no-deps "helical==${HELICAL_VERSION}"; \
-    python -c 'import tomllib; print("\n".join(tomllib.load(open("/opt/helixflow/pyproject.toml", "rb"))["project"]["dependencies"]))' \
-        > /tmp/requirements.txt; \
-    pip install -r /tmp/requirements.txt; \
-    rm /tmp/requirements.txt; \
-    python -c 'import torch; assert torch.__version__.startswith("'"$TORCH_VERSION"'"), torch.__version__'
+COPY --from=builder /opt/venv /opt/venv
 
 # The project: editable, because it finds workflow/ and config/ next to src/.
 COPY . /opt/helixflow

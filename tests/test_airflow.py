@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,8 +24,11 @@ from airflow_helpers import (AIRFLOW, AIRFLOW_VENV, airflow_cli, airflow_env, ap
                              init_db, local_env, require_airflow)
 from conftest import PROJECT_DIR, require_service, sha256
 
-IMAGE = "localhost/helixflow:0.1.0"
+# HELIXFLOW_TEST_IMAGE: a tag of one's own where several checkouts share one podman storage.
+IMAGE = os.environ.get("HELIXFLOW_TEST_IMAGE", "localhost/helixflow:0.1.0")
 LOCAL_STAGES = ["stage", "validate", "split", "tokenize", "embed"]
+FINETUNE_STAGES = ["label_split", "finetune", "evaluate"]
+STAGES_TIMEOUT_S = 3600  # a safety limit for a whole DAG run, far above the slowest seen (about 20 min)
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +82,36 @@ def test_image_default_command_and_data_check(podman, image):
     assert "helixflow: error: /data: data folder missing" in missing.stderr
 
 
+def test_image_has_deepspeed_cpu_ops_and_no_compiler(podman, image):
+    """DeepSpeed's CPU ops were compiled at build time; the image has no compiler to build them later."""
+    compilers = podman_cli(podman, "run", "--rm", "--entrypoint", "sh", image, "-c",
+                           "for cc in cc gcc g++ c++ x86_64-linux-gnu-gcc; do command -v $cc; done; true")
+    assert compilers.returncode == 0 and compilers.stdout.strip() == "", compilers.stdout + compilers.stderr
+    ops = podman_cli(podman, "run", "--rm", "--network", "none", image, "python", "-c",
+                     "from deepspeed.ops.op_builder import CPUAdamBuilder, ShareMemCommBuilder; "
+                     "print(CPUAdamBuilder().load().__name__, ShareMemCommBuilder().load().__name__)")
+    assert ops.returncode == 0, ops.stdout + ops.stderr
+    assert ops.stdout.split() == ["deepspeed.ops.adam.cpu_adam_op", "deepspeed.ops.comm.deepspeed_shm_comm_op"], ops.stdout
+
+
+def test_image_plans_a_slurm_run(podman, image, tmp_path):
+    """The slurm* choices of the DAG's form work from the image: SLURM client, munge, executor plugin."""
+    # (sbatch --version already wants a slurm.conf: the cluster's, mounted at run time.)
+    tools = podman_cli(podman, "run", "--rm", "--entrypoint", "sh", image, "-c",
+                       "for tool in sbatch squeue scancel munge; do command -v $tool; done && munge --version")
+    assert tools.returncode == 0 and len(tools.stdout.splitlines()) == 5, tools.stdout + tools.stderr
+    subprocess.run([shutil.which("helixflow"), "demo-data", tmp_path / "cells.h5ad", "--cells", "200"], check=True,
+                   capture_output=True)
+    tmp_path.chmod(0o755)
+    (tmp_path / "cells.h5ad").chmod(0o644)
+    for profile in ("slurm", "slurm-gpu"):
+        plan = podman_cli(podman, "run", "--rm", "--network", "none", "-v", f"{tmp_path}:/data:ro", image, "run",
+                          "/data/cells.h5ad", "--model", "tiny", "--models-dir", "/opt/helixflow-models", "--out",
+                          "/home/helix/results", "--workflow-profile", profile, "--dry-run")
+        assert plan.returncode == 0, (plan.stdout + plan.stderr)[-4000:]
+        assert "finetune" in plan.stdout + plan.stderr
+
+
 
 def test_airflow_image_builds_without_the_model_stack(podman):
     """The Airflow image (Airflow 3.3.2 + providers-docker) on the same local base, no torch in it."""
@@ -105,6 +139,11 @@ def stack(podman, image, tmp_path_factory):
     helixflow = shutil.which("helixflow")
     subprocess.run([helixflow, "demo-data", data / "test.h5ad", "--cells", "600", "--seed", "3"], check=True,
                    capture_output=True)
+    # The same kind of cells without any obs column: nothing to fine-tune on.
+    subprocess.run([helixflow, "demo-data", data / "unlabelled.h5ad", "--cells", "300", "--seed", "5"], check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-c", "import anndata, sys; a = anndata.read_h5ad(sys.argv[1]); "
+                    "a.obs = a.obs[[]]; a.write_h5ad(sys.argv[1])", data / "unlabelled.h5ad"], check=True)
     # Containers never need the network: the model is staged on the host beforehand.
     subprocess.run([helixflow, "model", "stage", "--profile", "tiny", "--tiny", "--models-dir", data / "models"],
                    check=True, capture_output=True)
@@ -115,7 +154,11 @@ def stack(podman, image, tmp_path_factory):
                       AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/airflow.db",
                       HELIXFLOW_DOCKER_URL=podman["DOCKER_HOST"], HELIXFLOW_DATA_DIR=str(data),
                       HELIXFLOW_RESULTS_DIR=str(results), HELIXFLOW_IMAGE=image, HELIXFLOW_RETRIES="0",
-                      HELIXFLOW_TEST_LABEL="1")
+                      HELIXFLOW_TEST_LABEL="1",
+                      # No network for the stages: fine-tuning needs neither downloads nor a JIT build.
+                      HELIXFLOW_STAGE_NETWORK="none",
+                      # The MLflow store the DAG hands to the stages (a server URI in compose).
+                      HELIXFLOW_MLFLOW_TRACKING_URI="/results/mlruns")
     init_db(env)
     return {"env": env, "data": data, "results": results, "home": home}
 
@@ -124,20 +167,52 @@ def task_logs(stack) -> str:
     return "\n".join(p.read_text(errors="replace") for p in (stack["home"] / "logs").rglob("*.log"))
 
 
-def test_dag_runs_the_workflow_in_containers(stack):
+def summary_value(output: str, key: str) -> str:
+    """A value of the summary's XCom, as the task logs its return value."""
+    found = re.findall(rf"'{key}': ('[^']*'|[0-9.e-]+)", output)
+    assert found, f"no {key!r} in the summary's return value"
+    return found[-1].strip("'")
+
+
+def test_dag_fine_tunes_and_evaluates_in_containers(stack):
     before = sha256(stack["data"] / "test.h5ad")
     started = time.monotonic()
-    run = dags_test(stack["env"], {"input": "test.h5ad", "model": "tiny", "run_name": "ok"})
-    print(f"dags test (6 stages): {time.monotonic() - started:.0f} s", file=sys.stderr)
+    # 10 containers, fine-tuning among them: 20 minutes on a 2-core machine loaded by other work.
+    run = dags_test(stack["env"], {"input": "test.h5ad", "model": "tiny", "run_name": "ok"}, timeout=STAGES_TIMEOUT_S)
+    print(f"dags test (10 stages, fine-tuning): {time.monotonic() - started:.0f} s", file=sys.stderr)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-6000:]
     out = stack["results"] / "ok"
     for relative in ("embeddings/embeddings.h5ad", "report.html", "qc/input_check.json",
-                     "report/embedding_summary.json", "pipeline_info/execution_trace.tsv"):
+                     "report/embedding_summary.json", "pipeline_info/execution_trace.tsv", "finetune/label_split.tsv",
+                     "finetune/model/config.json", "evaluate/metrics.json", "evaluate/confusion_matrix.png"):
         assert (out / relative).is_file(), relative
     assert "'cells': 600, 'genes': 1640" in output  # the summary's XCom, as the task logs its return value
+    # Each fine-tuning step ran in its own stage container, resuming from the files before it.
+    logs = output + task_logs(stack)
+    for stage in FINETUNE_STAGES:
+        assert f"label_column=cell_type --until {stage}" in logs, stage  # the snakemake command line of its container
+    assert "nothing to annotate: param annotate is empty" in logs
+    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
+    assert float(summary_value(output, "heldout_accuracy")) == pytest.approx(metrics["fine_tuned"]["accuracy"])
+    assert float(summary_value(output, "heldout_macro_f1")) == pytest.approx(metrics["fine_tuned"]["macro_f1"])
+    assert float(summary_value(output, "probe_accuracy")) == pytest.approx(metrics["linear_probe"]["accuracy"])
+    assert summary_value(output, "model") == str(out / "finetune" / "model")
+    assert metrics["fine_tuned"]["accuracy"] > metrics["chance_accuracy"]
+    # The stages tracked the fine-tune in the store the DAG handed them (MLFLOW_TRACKING_URI).
+    run_id = summary_value(output, "mlflow_run_id")
+    run_dirs = list((stack["results"] / "mlruns").glob(f"*/{run_id}"))
+    assert len(run_dirs) == 1, sorted(p.name for p in (stack["results"] / "mlruns").iterdir())
+    recorded = run_dirs[0]
+    assert {"profile", "train.epochs", "optimizer_steps"} <= {p.name for p in (recorded / "params").iterdir()}
+    assert {"train_loss", "validation_accuracy", "heldout_accuracy", "heldout_macro_f1"} <= {
+        p.name for p in (recorded / "metrics").iterdir()}
+    epochs = (recorded / "metrics" / "validation_accuracy").read_text().split("\n")
+    assert len([line for line in epochs if line.strip()]) == 2  # one record per epoch of the tiny profile
+    assert (recorded / "artifacts" / "model" / "config.json").is_file()
+    assert (stack["results"] / "ok" / "mlruns").exists() is False
     assert sha256(stack["data"] / "test.h5ad") == before
-    assert sorted(p.name for p in stack["data"].iterdir()) == ["bad.h5ad", "models", "test.h5ad"]
+    assert sorted(p.name for p in stack["data"].iterdir()) == ["bad.h5ad", "models", "test.h5ad", "unlabelled.h5ad"]
     assert podman_cli(stack["env"], "ps", "-aq", "--filter", "label=helixflow.test=1").stdout.strip() == ""
     # The data folder is mounted read-only: a container cannot write into it.
     write = podman_cli(stack["env"], "run", "--rm", "-v", f"{stack['data']}:/data:ro", "--entrypoint", "touch",
@@ -147,9 +222,27 @@ def test_dag_runs_the_workflow_in_containers(stack):
     # A second run with the same names (DAG, tasks, run name, results folder) does not conflict:
     # every container is gone, and the new ones are named after the new run id.
     assert "helixflow container: helixflow-helixflow-" in output
-    again = dags_test(stack["env"], {"input": "test.h5ad", "model": "tiny", "run_name": "ok"})
+    again = dags_test(stack["env"], {"input": "test.h5ad", "model": "tiny", "run_name": "ok"}, timeout=STAGES_TIMEOUT_S)
     assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
     assert podman_cli(stack["env"], "ps", "-aq", "--filter", "label=helixflow.test=1").stdout.strip() == ""
+
+
+def test_dag_without_labels_gives_embeddings_and_report(stack):
+    """An input without the label column: the fine-tuning stages skip, saying why; the rest runs."""
+    started = time.monotonic()
+    run = dags_test(stack["env"], {"input": "unlabelled.h5ad", "model": "tiny", "run_name": "unlabelled"},
+                    timeout=STAGES_TIMEOUT_S)
+    print(f"dags test (unlabelled): {time.monotonic() - started:.0f} s", file=sys.stderr)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-6000:]
+    out = stack["results"] / "unlabelled"
+    for relative in ("embeddings/embeddings.h5ad", "report.html", "report/embedding_summary.json"):
+        assert (out / relative).is_file(), relative
+    assert not (out / "finetune").exists() and not (out / "evaluate").exists()
+    reason = "no fine-tuning: the input unlabelled.h5ad has no obs column 'cell_type' (its obs columns: none)"
+    assert reason in output + task_logs(stack)
+    assert "'skipped': \"" + reason.removeprefix("no fine-tuning: ") in output
+    assert "'cells': 300" in output
 
 
 def test_failing_stage_fails_its_task_with_the_error(stack):
@@ -199,10 +292,12 @@ def test_api_server_lists_the_dag_and_its_params(tmp_path):
         dags = {dag["dag_id"] for dag in server.get("/api/v2/dags")["dags"]}
         assert {"helixflow", "helixflow_inbox"} <= dags
         details = server.get("/api/v2/dags/helixflow/details")
-        assert set(details["params"]) == {"input", "model", "stages", "run_name", "chunk_size", "workflow_profile"}
+        assert set(details["params"]) == {"input", "model", "stages", "run_name", "chunk_size", "label_column", "annotate",
+                                          "workflow_profile"}
         assert "tiny" in details["params"]["model"]["schema"]["enum"]
         tasks = [t["task_id"] for t in server.get("/api/v2/dags/helixflow/tasks")["tasks"]]
-        assert {"stage", "validate", "split", "tokenize", "embed", "report", "summary"} <= set(tasks)
+        assert {"stage", "validate", "split", "tokenize", "embed", *FINETUNE_STAGES, "annotate", "report",
+                "summary"} <= set(tasks)
 
         if shutil.which("chromium") or os.environ.get("CI") == "true":
             require_service("chromium", "the DAG graph screenshot")

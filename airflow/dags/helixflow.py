@@ -1,10 +1,14 @@
 """Airflow 3 DAGs that run the helixflow workflow, one task per workflow stage.
 
-``helixflow``        stage -> validate -> split -> tokenize -> embed -> report -> summary.
-                     Each stage task runs ``helixflow run /data/INPUT --until STAGE`` in the
-                     helixflow image with DockerOperator (snakemake inside the container resumes
-                     from the previous stage's files), then ``summary`` puts the run's cells,
-                     metrics and output paths into XCom.
+``helixflow``        stage -> validate -> split -> tokenize -> embed -> label_split -> finetune
+                     -> evaluate -> annotate -> report -> summary. Each stage task runs
+                     ``helixflow run /data/INPUT --until STAGE`` in the helixflow image with
+                     DockerOperator (snakemake inside the container resumes from the previous
+                     stage's files), then ``summary`` puts the run's cells, metrics, fine-tuning
+                     scores and output paths into XCom. The fine-tuning stages run when the
+                     input has the label column (param ``label_column``; the validate stage
+                     records the input's obs columns); otherwise they skip, saying why, and
+                     the run gives embeddings and report. ``annotate`` runs when asked.
 ``helixflow_inbox``  data-arrival trigger: polls the watched folder and starts one ``helixflow``
                      run per new ``.h5ad`` file.
 
@@ -19,6 +23,11 @@ Settings (environment of the Airflow services; see docs/airflow.md):
   HELIXFLOW_INBOX_SCHEDULE   how often helixflow_inbox looks for new files (default */5 * * * *)
   HELIXFLOW_PUSHGATEWAY      Prometheus Pushgateway URL handed to the stages (their step metrics); unset: none
   HELIXFLOW_STAGE_NETWORK    Docker network of the stage containers (compose: the one of the Pushgateway)
+  HELIXFLOW_MLFLOW_TRACKING_URI  MLflow server of the fine-tuning stages (their MLFLOW_TRACKING_URI);
+                             unset: a file store in the run's results folder (mlruns/)
+  HELIXFLOW_SLURM_CONF_DIR, HELIXFLOW_MUNGE_SOCKET_DIR   host folders with the cluster's slurm.conf and
+                             munged's socket, mounted at /etc/slurm and /run/munge for the slurm*
+                             workflow profiles (docs/hpc.md)
   HELIXFLOW_RETRIES, HELIXFLOW_STAGE_TIMEOUT_MIN, HELIXFLOW_GPU_POOL, HELIXFLOW_CONTAINER_USER,
   HELIXFLOW_BIN (local mode), HELIXFLOW_CONTAINER_MODELS_DIR (default /data/models), HELIXFLOW_HOST_PROFILES_DIR (host folder of
   profiles mounted read-only at /profiles in the stage containers; default: the image's own)
@@ -36,10 +45,15 @@ from pathlib import Path
 import pendulum
 import yaml
 from airflow.sdk import DAG, Param, task
+from airflow.sdk.exceptions import AirflowSkipException
 
-STAGES = ["stage", "validate", "split", "tokenize", "embed", "report"]
-STAGE_KIND = {"embed": "embed"}  # the others are light (as helixflow.profiles.STEP_KIND)
-GPU_STAGES = {"embed"}
+STAGES = ["stage", "validate", "split", "tokenize", "embed", "label_split", "finetune", "evaluate", "annotate", "report"]
+# The fine-tuning stages; the report (the whole workflow) includes their results when they run.
+FINETUNE_STAGES = ["label_split", "finetune", "evaluate", "annotate"]
+# As helixflow.profiles.STEP_KIND (the Airflow image has no helixflow): the others are light.
+STAGE_KIND = {"embed": "embed", "finetune": "finetune", "evaluate": "embed", "annotate": "embed"}
+GPU_STAGES = set(STAGE_KIND)  # on the GPU image, with the profile's GPUs, in the GPU pool
+WORKFLOW_PROFILES = ["default", "slurm", "slurm-gpu", "slurm-apptainer"]
 
 EXECUTION = os.environ.get("HELIXFLOW_EXECUTION", "docker")
 PROFILES_DIR = Path(os.environ.get("HELIXFLOW_PROFILES_DIR", Path(__file__).resolve().parents[2] / "config" / "profiles"))
@@ -86,9 +100,9 @@ def stage_limits(profile: dict, stage: str) -> dict:
 
 
 def stage_environment() -> dict:
-    """Environment the stages get from the Airflow services: the Pushgateway URL, when one is set."""
-    pushgateway = os.environ.get("HELIXFLOW_PUSHGATEWAY")
-    return {"HELIXFLOW_PUSHGATEWAY": pushgateway} if pushgateway else {}
+    """Environment the stages get from the Airflow services: Pushgateway and MLflow server, when set."""
+    handed = {"HELIXFLOW_PUSHGATEWAY": "HELIXFLOW_PUSHGATEWAY", "HELIXFLOW_MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}
+    return {stage_name: os.environ[name] for name, stage_name in handed.items() if os.environ.get(name)}
 
 
 def run_name(params: dict) -> str:
@@ -99,18 +113,59 @@ def run_name(params: dict) -> str:
     return name
 
 
-def input_path(params: dict, data_dir: str) -> str:
-    relative = Path(params["input"])
+def input_path(params: dict, data_dir: str, key: str = "input") -> str:
+    relative = Path(params[key])
     if relative.is_absolute() or ".." in relative.parts:
-        raise ValueError(f"input {params['input']!r} must be a path inside the data folder")
+        raise ValueError(f"{key} {params[key]!r} must be a path inside the data folder")
     return f"{data_dir}/{relative}"
+
+
+def read_results_json(params: dict, relative: str) -> dict | None:
+    """A JSON file of the run's results folder (as the Airflow services see it), None if absent."""
+    path = Path(RESULTS_DIR) / run_name(params) / relative
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def finetune_skip_reason(params: dict) -> str | None:
+    """Why this run does not fine-tune, or None when it does.
+
+    The label column comes from the params; whether the input has it, from the obs columns that
+    the validate stage recorded (qc/input_check.json). Before that file exists, the workflow decides.
+    """
+    label = params.get("label_column")
+    if not label:
+        return "no label column: param label_column is empty (embeddings and report only)"
+    columns = (read_results_json(params, "qc/input_check.json") or {}).get("obs_columns")
+    if columns is not None and label not in columns:
+        return (f"the input {params['input']} has no obs column {label!r} (its obs columns: {', '.join(columns) or 'none'});"
+                " embeddings and report only")
+    return None
+
+
+def stage_skip_reason(params: dict, stage: str) -> str | None:
+    """Why the stage's task skips, or None when it runs."""
+    if stage not in params["stages"]:
+        return f"stage {stage} not selected"
+    if stage in FINETUNE_STAGES:
+        reason = finetune_skip_reason(params)
+        if reason:
+            return f"no fine-tuning: {reason}"
+    if stage == "annotate" and not params.get("annotate"):
+        return "nothing to annotate: param annotate is empty"
+    return None
 
 
 def stage_command(params: dict, stage: str, data_dir: str, results_dir: str, models_dir: str, cores: int,
                   profiles_dir: str | None = None) -> list[str]:
     command = ["run", input_path(params, data_dir), "--model", params["model"], "--out",
-               f"{results_dir}/{run_name(params)}", "--models-dir", models_dir, "--until", stage, "--cores", str(cores),
-               "--no-finetune"]  # the DAG's stages end at the report; fine-tuning is not one of them
+               f"{results_dir}/{run_name(params)}", "--models-dir", models_dir, "--until", stage, "--cores", str(cores)]
+    if finetune_skip_reason(params):
+        # No label column: no fine-tuning, and an embedding map not coloured by labels.
+        command += ["--no-finetune", "--label-column", ""]
+    else:
+        command += ["--label-column", params["label_column"]]
+        if params.get("annotate"):
+            command += ["--annotate", input_path(params, data_dir, "annotate")]
     if profiles_dir:
         command += ["--profiles-dir", profiles_dir]
     if params.get("chunk_size"):
@@ -131,10 +186,27 @@ PARAMS = {
     "run_name": Param("", type="string", title="Run name",
                       description="results folder name under the results folder; default: the input's file name"),
     "chunk_size": Param(None, type=["null", "integer"], minimum=1, title="Cells per chunk"),
-    "workflow_profile": Param("default", type="string", enum=["default", "slurm", "slurm-gpu", "slurm-apptainer"],
+    "label_column": Param("cell_type", type="string", title="Label column",
+                          description="obs column to fine-tune a cell classifier on (label split, fine-tune, evaluate);"
+                                      " empty, or absent from the input: embeddings and report only"),
+    "annotate": Param("", type="string", title="Dataset to annotate",
+                      description="an .h5ad file in the data folder to label with the fine-tuned model; empty: none"),
+    "workflow_profile": Param("default", type="string", enum=WORKFLOW_PROFILES,
                               title="Where the jobs run",
                               description="default: inside the stage's container; slurm*: submitted to the SLURM cluster"),
 }
+
+
+def slurm_mounts(params: dict) -> list[tuple[str, str, bool]]:
+    """(host folder, container folder, read-only) a slurm* workflow profile needs in the stage container."""
+    if params.get("workflow_profile", "default") == "default":
+        return []
+    folders = {"HELIXFLOW_SLURM_CONF_DIR": ("/etc/slurm", True), "HELIXFLOW_MUNGE_SOCKET_DIR": ("/run/munge", False)}
+    missing = [name for name in folders if not os.environ.get(name)]
+    if missing:
+        raise ValueError(f"workflow_profile {params['workflow_profile']} submits to SLURM from the stage container: "
+                         f"set {' and '.join(missing)} in the Airflow services' environment (docs/hpc.md)")
+    return [(os.environ[name], target, read_only) for name, (target, read_only) in folders.items()]
 
 
 def container_name(context, stage: str) -> str:
@@ -143,7 +215,6 @@ def container_name(context, stage: str) -> str:
 
 
 if EXECUTION == "docker":
-    from airflow.sdk.exceptions import AirflowSkipException
     from airflow.providers.docker.operators.docker import DockerOperator
     from docker.errors import NotFound
     from docker.types import DeviceRequest, Mount
@@ -162,8 +233,9 @@ if EXECUTION == "docker":
 
         def execute(self, context):
             params = context["params"]
-            if self.stage not in params["stages"]:
-                raise AirflowSkipException(f"stage {self.stage} not selected")
+            reason = stage_skip_reason(params, self.stage)
+            if reason:
+                raise AirflowSkipException(reason)
             limits = stage_limits(read_profile(params["model"]), self.stage)
             name = run_name(params)
             self.container_name = container_name(context, self.stage)
@@ -184,6 +256,8 @@ if EXECUTION == "docker":
                            Mount(target="/results", source=RESULTS_DIR, type="bind", read_only=False)]
             if HOST_PROFILES_DIR:
                 self.mounts.append(Mount(target="/profiles", source=HOST_PROFILES_DIR, type="bind", read_only=True))
+            self.mounts += [Mount(target=target, source=source, type="bind", read_only=read_only)
+                            for source, target, read_only in slurm_mounts(params)]
             self.log.info("helixflow container: %s (%s, %s CPUs, GPUs %s)", self.container_name, self.mem_limit,
                           limits["cpus"], limits["gpus"])
             self._remove_leftovers(context)
@@ -228,18 +302,30 @@ if EXECUTION == "docker":
 else:
     from airflow.providers.standard.operators.bash import BashOperator
 
+    class HelixflowLocalStageOperator(BashOperator):
+        """One workflow stage as a local ``helixflow run`` process, in the run's results folder."""
+
+        def __init__(self, *, stage: str, **kwargs):
+            super().__init__(bash_command="false", env=stage_environment(), append_env=True, **kwargs)
+            self.stage = stage
+
+        def execute(self, context):
+            params = context["params"]
+            reason = stage_skip_reason(params, self.stage)
+            if reason:
+                raise AirflowSkipException(reason)
+            limits = stage_limits(read_profile(params["model"]), self.stage)
+            self.cwd = f"{RESULTS_DIR}/{run_name(params)}"
+            Path(self.cwd).mkdir(parents=True, exist_ok=True)
+            command = stage_command(params, self.stage, DATA_DIR, RESULTS_DIR, LOCAL_MODELS_DIR, limits["cpus"],
+                                    os.environ.get("HELIXFLOW_PROFILES_DIR"))
+            self.bash_command = shlex.join(["exec", os.environ.get("HELIXFLOW_BIN", "helixflow"), *command])
+            self.log.info("helixflow stage: %s", self.bash_command)
+            return super().execute(context)
+
     def make_stage(stage: str):
-        helixflow = os.environ.get("HELIXFLOW_BIN", "helixflow")
-        # Jinja fills the params; python -c builds the same command line as the container's.
-        script = (
-            f"{{% if '{stage}' not in params.stages %}}exit 99{{% endif %}}\n"
-            f"mkdir -p {shlex.quote(RESULTS_DIR)}/{{{{ params.run_name or (params.input.split('/')[-1].rsplit('.', 1)[0]) }}}}\n"
-            f"cd {shlex.quote(RESULTS_DIR)}/{{{{ params.run_name or (params.input.split('/')[-1].rsplit('.', 1)[0]) }}}}\n"
-            f"exec {shlex.quote(helixflow)} {{{{ ti.xcom_pull(task_ids='plan')['{stage}'] }}}}"
-        )
-        return BashOperator(task_id=stage, bash_command=script, skip_on_exit_code=99, trigger_rule="none_failed",
-                            env=stage_environment(), append_env=True,
-                            pool=GPU_POOL if stage in GPU_STAGES else "default_pool")
+        return HelixflowLocalStageOperator(task_id=stage, stage=stage, trigger_rule="none_failed",
+                                           pool=GPU_POOL if stage in GPU_STAGES else "default_pool")
 
 
 with DAG(
@@ -257,30 +343,42 @@ with DAG(
 
     @task(retries=0)
     def plan(params=None) -> dict:
-        """Check the params and profile up front; in local mode, the command line of each stage."""
-        limits = stage_limits(read_profile(params["model"]), "embed")
+        """Check the params, profile and settings up front; return the stages that will run."""
+        read_profile(params["model"])
         run_name(params)
-        return {stage: shlex.join(stage_command(params, stage, DATA_DIR, RESULTS_DIR, LOCAL_MODELS_DIR, limits["cpus"],
-                                                os.environ.get("HELIXFLOW_PROFILES_DIR")))
-                for stage in STAGES}
+        slurm_mounts(params)
+        if params.get("annotate"):
+            input_path(params, DATA_DIR, "annotate")
+        return {stage: stage_skip_reason(params, stage) or "selected" for stage in STAGES}
+
+    def finetune_summary(params: dict, out: Path) -> dict:
+        """Held-out scores of the fine-tuned model and the linear probe (evaluate/metrics.json), or why none."""
+        reason = finetune_skip_reason(params)
+        metrics = read_results_json(params, "evaluate/metrics.json")
+        if reason or metrics is None:
+            return {"skipped": reason or "not evaluated (stage evaluate not selected or not finished)"}
+        return {"label_column": metrics["label_column"], "classes": metrics["classes"],
+                "train_cells": metrics["train_cells"], "validation_cells": metrics["validation_cells"],
+                "heldout_accuracy": metrics["fine_tuned"]["accuracy"], "heldout_macro_f1": metrics["fine_tuned"]["macro_f1"],
+                "probe_accuracy": metrics["linear_probe"]["accuracy"], "probe_macro_f1": metrics["linear_probe"]["macro_f1"],
+                "chance_accuracy": metrics["chance_accuracy"], "mlflow_run_id": metrics["model"]["mlflow_run_id"],
+                "model": str(out / "finetune" / "model"), "metrics_file": str(out / "evaluate" / "metrics.json")}
 
     @task(trigger_rule="none_failed", retries=0)
     def summary(params=None) -> dict:
         """Cells, metrics and output paths of the run, read from its results folder."""
         out = Path(RESULTS_DIR) / run_name(params)
-
-        def read_json(relative):
-            path = out / relative
-            return json.loads(path.read_text()) if path.is_file() else None
-
-        check = read_json("qc/input_check.json") or {}
+        check = read_results_json(params, "qc/input_check.json") or {}
         outputs = {key: str(out / relative) for key, relative in {
             "embeddings": "embeddings/embeddings.h5ad", "report": "report.html", "input_check": "qc/input_check.json",
-            "embedding_map": "report/embedding_map.png", "trace": "pipeline_info/execution_trace.tsv"}.items()
+            "embedding_map": "report/embedding_map.png", "trace": "pipeline_info/execution_trace.tsv",
+            "model": "finetune/model", "evaluation": "evaluate/metrics.json",
+            "annotated": f"annotate/{Path(params.get('annotate') or 'none').stem}.h5ad"}.items()
             if (out / relative).exists()}
         return {"input": params["input"], "model": params["model"], "results": str(out),
                 "cells": check.get("cells"), "genes": check.get("genes"), "input_check": check,
-                "metrics": read_json("report/embedding_summary.json"), "outputs": outputs}
+                "metrics": read_results_json(params, "report/embedding_summary.json"), "finetune": finetune_summary(params, out),
+                "outputs": outputs}
 
     previous = plan()
     for stage_name in STAGES:

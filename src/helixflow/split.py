@@ -51,6 +51,9 @@ def validate_input(
     path = Path(path)
     source, reason = choose_counts_source(path, counts_source, require_raw_counts)
     layout = inspect_h5ad(path, source)
+    with h5py.File(path, "r") as handle:
+        # What an orchestrator decides on (e.g. whether the label column is there) without the data.
+        obs_columns = [str(column) for column in handle["obs"].attrs.get("column-order", [])]
     tokenizer = CellTokenizer(files, read_var(path, source), gene_id_column, symbol_map, path)
     genes = dict(tokenizer.mapping.report, table=gene_table_key(source))
     warnings = []
@@ -77,6 +80,7 @@ def validate_input(
         "genes_in_vocabulary": tokenizer.n_vocabulary_genes,
         "gene_ids": genes,
         "x_format": layout.x_format,
+        "obs_columns": obs_columns,
         "nonzero": nonzero,
         "duplicate_cell_names": duplicates["count"],
         "label_column": {"name": label_column, "present": bool(label_column) and obs_has_column(path, label_column)},
@@ -183,12 +187,33 @@ def _sample_problem(path: Path, source: str) -> str | None:
     return f"{kind} values (e.g. {block.data[position]:.4g})"
 
 
-def duplicate_cell_names(path: Path, examples: int = 3) -> dict:
-    """How many cell names (``obs_names``) repeat an earlier one, and a few of them."""
+def duplicate_cell_names(path: Path, examples: int = 3, block_rows: int = 100_000) -> dict:
+    """How many cell names (``obs_names``) repeat an earlier one, and a few of them.
+
+    Names are read in blocks and kept as 64-bit hashes (8 bytes a cell, which the profile's
+    ``memory_mb_per_million_cells.validate_input`` covers); a second pass finds the example
+    names. Two different names sharing a hash (about 1 in 10^6 at ten million cells) would
+    count as one repeat: this is a warning's count, and no output depends on it.
+    """
     with h5py.File(path, "r") as handle:
-        names = pd.Index(read_elem(handle["obs"][handle["obs"].attrs["_index"]]))
-    repeated = names[names.duplicated()]
-    return {"count": int(len(repeated)), "examples": [str(name) for name in repeated.unique()[:examples]]}
+        index = handle["obs"][handle["obs"].attrs["_index"]]
+
+        def blocks():
+            for first in range(0, index.shape[0], block_rows):
+                yield index.asstr()[first:first + block_rows] if index.dtype.kind in "SO" else index[first:first + block_rows].astype(str).astype(object)
+
+        hashes = np.concatenate([pd.util.hash_array(names) for names in blocks()] or [np.empty(0, np.uint64)])
+        hashes.sort()
+        repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+        found: list[str] = []
+        if repeated.size:
+            for names in blocks():
+                hit = np.isin(pd.util.hash_array(names), repeated)
+                found.extend(name for name in dict.fromkeys(names[hit].tolist()) if name not in found)
+                if len(found) >= examples:
+                    break
+    count = int(hashes.size - np.unique(hashes).size)
+    return {"count": count, "examples": found[:examples]}
 
 
 def split_chunk(path: str | Path, out: str | Path, start: int, stop: int, counts: str = "X") -> Path:

@@ -1,5 +1,10 @@
 # Fine-tuning a cell classifier: label_split -> finetune -> evaluate (-> annotate).
-MLFLOW_URI = config["finetune"]["mlflow_tracking_uri"] or f"{OUTDIR}/mlruns"
+# The config's server, else MLflow's own MLFLOW_TRACKING_URI (e.g. set by the Airflow DAG), else files.
+MLFLOW_URI = (
+    config["finetune"]["mlflow_tracking_uri"]
+    or os.environ.get("MLFLOW_TRACKING_URI")
+    or f"{OUTDIR}/mlruns"
+)
 INFERENCE_ARGS = (
     f"--batch-size {PROFILE['embed']['batch_size']} --device {PROFILE['device']}"
     f" --precision {PROFILE['precision']}"
