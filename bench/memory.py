@@ -91,17 +91,19 @@ def prepare(root: Path, n_cells: int, models_dir: Path) -> Run:
     from helixflow.demo_data import make_sparse_dataset
     from helixflow.h5ad import chunk_bounds
     from helixflow.model_files import ModelFiles
+    from helixflow.provenance import provenance
     from helixflow.split import split_chunk
     from helixflow.tokenization import tokenize_chunk
 
     run = Run(root, n_cells, models_dir)
     files = ModelFiles(models_dir / "tiny", "gf-6L-10M-i2048")
+    record = provenance(files, "tiny")  # what each embed job records, as gather expects
     make_sparse_dataset(run.data, n_cells, seed=n_cells)
     for chunk, (start, stop) in zip(run.chunk_names, chunk_bounds(n_cells, CHUNK_CELLS)):
         split_chunk(run.data, run.path("chunks", chunk), start, stop)
         tokenize_chunk(run.path("chunks", chunk), files, run.path("tokens", chunk))
         embed_chunk(run.path("tokens", chunk), run.path("chunks", chunk), files, run.path("embedded", chunk),
-                    batch_size=INFERENCE_BATCH, device="cpu")
+                    batch_size=INFERENCE_BATCH, device="cpu", provenance=record)
     _write_job_benchmarks(run)
     return run
 

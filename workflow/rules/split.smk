@@ -16,7 +16,8 @@ rule validate_input:
         config["containers"]["cpu"]
     threads: resources_of("validate_input")["threads"]
     resources:
-        mem_mb=resources_of("validate_input")["mem_mb"],
+        # A whole-dataset step: its memory per million cells (cell-name hashes) counts.
+        mem_mb=resources_of("validate_input", LAYOUT.n_cells)["mem_mb"],
         runtime=resources_of("validate_input", LAYOUT.n_cells)["runtime"],
     params:
         provenance=provenance_of("validate_input"),
