@@ -24,6 +24,7 @@ from anndata.io import write_elem
 from conftest import sha256
 from helixflow.embedding import EMBEDDING_KEY
 from helixflow.label_split import read_label_split
+from helixflow.run_lock import LOCK_NAME
 from helixflow.tokenization import open_tokens, tokenize_chunk
 
 
@@ -38,10 +39,11 @@ def run(path: Path, out: Path, models_dir: Path, *extra: str) -> subprocess.Comp
 
 
 def produced_files(out: Path) -> list[Path]:
-    """Outputs of a run, leaving out its logs and benchmarks."""
+    """Outputs of a run, leaving out its logs, benchmarks and the folder's (emptied) run lock."""
     if not out.exists():
         return []
-    return [p for p in out.rglob("*") if p.is_file() and "logs" not in p.parts and "benchmarks" not in p.parts]
+    return [p for p in out.rglob("*") if p.is_file() and "logs" not in p.parts and "benchmarks" not in p.parts
+            and p.name != LOCK_NAME]
 
 
 def run_tokens(out: Path) -> list[list[int]]:
@@ -314,6 +316,8 @@ def test_bad_input_fails_cleanly(kind, dataset, models_dir, tmp_path):
     for part in expected:
         assert part in last
     assert produced_files(out) == []
+    lock = out / LOCK_NAME
+    assert not lock.exists() or lock.read_text() == "", "the run's lock was not released"
     assert sha256(bad) == before
 
 
