@@ -16,7 +16,6 @@ rule validate_input:
         config["containers"]["cpu"]
     threads: resources_of("validate_input")["threads"]
     resources:
-        # A whole-dataset step: its memory per million cells (cell-name hashes) counts.
         mem_mb=resources_of("validate_input", LAYOUT.n_cells)["mem_mb"],
         runtime=resources_of("validate_input", LAYOUT.n_cells)["runtime"],
     params:
@@ -29,7 +28,11 @@ rule validate_input:
             else "--allow-any-values"
         ),
         counts=config["counts_source"],
-        label=f"--label-column {config['label_column']!r}" if config["label_column"] else "",
+        label=(
+            f"--label-column {config['label_column']!r}"
+            if config["label_column"]
+            else ""
+        ),
     shell:
         "helixflow step validate {input.h5ad} {output} {params.model} {params.genes} {params.raw}"
         " --counts-source {params.counts:q} {params.label} > {log} 2>&1"
