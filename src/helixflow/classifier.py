@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import pickle
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import torch
 
 from helixflow.embedding import PRECISIONS
 from helixflow.errors import HelixflowError
-from helixflow.model_files import DICTIONARY_FILES, ModelFiles
+from helixflow.model_files import DICTIONARY_FILES, ModelFiles, load_dictionaries
 from helixflow.outputs import atomic_path
 from helixflow.token_batches import inference_batches, pad_batch
 
@@ -129,11 +128,8 @@ class FineTunedModel:
         return self.path / DICTIONARY_FILES[0]
 
     def load_dictionaries(self) -> tuple[dict, dict, dict]:
-        loaded = []
-        for name in DICTIONARY_FILES:
-            with open(self.path / name, "rb") as handle:
-                loaded.append(pickle.load(handle))
-        return tuple(loaded)
+        """The dictionaries copied from the base model, loaded without running code."""
+        return load_dictionaries(self.path)
 
     def load_model(self, device: torch.device):
         """The classifier in eval mode on ``device``, from local files only."""

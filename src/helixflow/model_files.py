@@ -26,6 +26,7 @@ import numpy as np
 from helixflow import synthetic
 from helixflow.errors import HelixflowError
 from helixflow.outputs import atomic_path
+from helixflow.safe_pickle import load_plain_dict
 
 # Mirrors helical 2.2.0 GeneformerConfig.model_map (a test keeps the two in step): the version
 # folder, the model's input size and whether cells carry <cls>/<eos> tokens.
@@ -44,6 +45,9 @@ GENEFORMER_MODELS: dict[str, dict] = {
 HELICAL_BUCKET_URL = "https://helicalpackage.s3.eu-west-2.amazonaws.com"
 ARCHITECTURES_DIR = Path(__file__).resolve().parents[2] / "config" / "architectures"
 DICTIONARY_FILES = ("token_dictionary.pkl", "gene_median_dictionary.pkl", "ensembl_mapping_dict.pkl")
+# What each dictionary maps gene ids (and special tokens, symbols) to: token ids, median
+# expression, current Ensembl ids.
+DICTIONARY_VALUE_KINDS = dict(zip(DICTIONARY_FILES, ("integer", "number", "string")))
 
 
 def model_facts(model_name: str) -> dict:
@@ -116,13 +120,18 @@ class ModelFiles:
             )
 
     def load_dictionaries(self) -> tuple[dict, dict, dict]:
-        """Return the token, gene-median and Ensembl-mapping dictionaries."""
+        """Return the token, gene-median and Ensembl-mapping dictionaries, running no code."""
         self.check()
-        loaded = []
-        for path in (self.token_dictionary, self.gene_median_dictionary, self.ensembl_mapping):
-            with open(path, "rb") as handle:
-                loaded.append(pickle.load(handle))
-        return tuple(loaded)
+        return load_dictionaries(self.version_dir)
+
+
+def load_dictionaries(folder: Path) -> tuple[dict, dict, dict]:
+    """Load a folder's three Geneformer dictionaries with :func:`~helixflow.safe_pickle.load_plain_dict`.
+
+    A file that asks for anything beyond plain dicts, strings and numbers is refused with
+    a :class:`HelixflowError` naming it, before any of its code could run.
+    """
+    return tuple(load_plain_dict(Path(folder) / name, value_kind=DICTIONARY_VALUE_KINDS[name]) for name in DICTIONARY_FILES)
 
 
 def stage_synthetic(
@@ -213,7 +222,9 @@ def stage_from_path(files: ModelFiles, source: Path) -> None:
     """Stage from a folder or archive (.tar, .tar.gz, .zip) laid out like ``geneformer/<version>/``.
 
     The source holds the three dictionaries and a ``<model_name>/`` folder; a single top-level
-    folder inside an archive is looked through.
+    folder inside an archive is looked through. The dictionaries are loaded with the
+    restricted unpickler before anything is staged, so a pickle that would run code is
+    refused and leaves the cache as it was; the staged files are the source's bytes.
     """
     source = Path(source)
     if not source.exists():
@@ -225,6 +236,7 @@ def stage_from_path(files: ModelFiles, source: Path) -> None:
             missing.append(f"{files.model_name}/config.json")
         if missing:
             raise HelixflowError(source, f"not a Geneformer model folder: missing {', '.join(missing)}")
+        load_dictionaries(root)
         for name in DICTIONARY_FILES:
             with atomic_path(files.version_dir / name) as partial:
                 shutil.copy2(root / name, partial)
@@ -298,10 +310,15 @@ def helical_geneformer(files: ModelFiles, batch_size: int = 24, device: str = "c
     helical 2.2.0's constructor asks its ``Downloader`` to check every file against S3 (an
     HTTP HEAD each, failing offline). This is the one place helixflow bypasses that: it
     points the configuration at the staged files and gives it nothing to download.
+    helical's ``TranscriptomeTokenizer`` reads the dictionaries with plain ``pickle.load``
+    from those paths (it takes no loaded dictionaries), so helixflow first loads them with
+    its restricted unpickler: a file that would run code is refused before helical opens it.
+    transformers reads a ``pytorch_model.bin`` with ``torch.load(weights_only=True)``, which
+    refuses code too; nothing reads ``training_args.bin``.
     """
     from helical.models.geneformer import Geneformer, GeneformerConfig
 
-    files.check()
+    files.load_dictionaries()
     configurer = GeneformerConfig(model_name=files.model_name, batch_size=batch_size, device=device, **config)
     configurer.files_config = {
         "model_files_dir": files.model_dir,
