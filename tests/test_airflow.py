@@ -9,23 +9,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from airflow_helpers import (AIRFLOW, AIRFLOW_VENV, airflow_cli, airflow_env, api_server, dags_test,
                              init_db, local_env, require_airflow)
-from conftest import PROJECT_DIR, require_service, sha256
+from conftest import PROJECT_DIR, require_service
 
 # HELIXFLOW_TEST_IMAGE: a tag of one's own where several checkouts share one podman storage.
-IMAGE = os.environ.get("HELIXFLOW_TEST_IMAGE", "localhost/helixflow:0.1.0")
+IMAGE = os.environ.get("HELIXFLOW_TEST_IMAGE", "helixflow:0.1.0")  # compose.yaml's default tag
 LOCAL_STAGES = ["stage", "validate", "split", "tokenize", "embed"]
 FINETUNE_STAGES = ["label_split", "finetune", "evaluate"]
 STAGES_TIMEOUT_S = 3600  # a safety limit for a whole DAG run, far above the slowest seen (about 20 min)
@@ -34,36 +31,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def podman():
-    """A podman service with a Docker API on a socket in a fresh state dir; stopped by PID after."""
-    require_service("podman", "the Airflow tests run containers through podman's Docker API")
+def podman(compose_project) -> dict:
+    """The environment of the session's podman service (tests/compose_stack.py: Docker API, healthchecks)."""
     require_airflow()
-    state = Path(tempfile.mkdtemp(prefix="hfp-", dir="/tmp"))  # a socket path must stay short
-    up = subprocess.run([PROJECT_DIR / "ci" / "podman-up.sh", state], capture_output=True, text=True)
-    assert up.returncode == 0, up.stderr
-    env = dict(os.environ)
-    for word in up.stdout.split():
-        if "=" in word:
-            key, value = word.split("=", 1)
-            env[key] = value
-    try:
-        yield env
-    finally:
-        subprocess.run([PROJECT_DIR / "ci" / "podman-down.sh", state], env=env, capture_output=True)
-        shutil.rmtree(state, ignore_errors=True)
+    return compose_project.podman.env
 
 
 @pytest.fixture(scope="module")
-def image(podman) -> str:
-    """The CPU image, built with podman on the locally bootstrapped base (cached layers are reused)."""
-    base = subprocess.run([PROJECT_DIR / "ci" / "base-image.sh"], env=podman, capture_output=True, text=True)
-    assert base.returncode == 0, base.stderr
-    started = time.monotonic()
-    build = subprocess.run([PROJECT_DIR / "ci" / "build-image.sh", "containers/helixflow.Dockerfile", IMAGE,
-                            "--build-arg", "BAKE_MODEL_PROFILE=tiny"], env=podman, capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr[-4000:]
-    print(f"image build: {time.monotonic() - started:.0f} s", file=sys.stderr)
-    return IMAGE
+def image(compose_project) -> str:
+    """The CPU image, as `docker compose build` built it once for the session (the tiny model baked in)."""
+    return compose_project.settings.get("HELIXFLOW_IMAGE", IMAGE)
 
 
 def podman_cli(env, *args) -> subprocess.CompletedProcess:
@@ -113,22 +90,6 @@ def test_image_plans_a_slurm_run(podman, image, tmp_path):
 
 
 
-def test_airflow_image_builds_without_the_model_stack(podman):
-    """The Airflow image (Airflow 3.3.2 + providers-docker) on the same local base, no torch in it."""
-    tag = "localhost/helixflow-airflow:3.3.2"
-    started = time.monotonic()
-    build = subprocess.run([PROJECT_DIR / "ci" / "build-image.sh", "containers/airflow.Dockerfile", tag],
-                           env=podman, capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr[-4000:]
-    print(f"airflow image build: {time.monotonic() - started:.0f} s", file=sys.stderr)
-    version = podman_cli(podman, "run", "--rm", tag, "version")
-    assert version.stdout.strip().splitlines()[-1] == "3.3.2", version.stdout + version.stderr
-    check = podman_cli(podman, "run", "--rm", "--entrypoint", "python", tag, "-c",
-                       "import importlib.util as u, airflow.providers.docker as d, os; "
-                       "print(os.getuid(), u.find_spec('torch') is None, u.find_spec('helical') is None)")
-    assert check.stdout.split() == ["50000", "True", "True"], check.stdout + check.stderr
-
-
 @pytest.fixture(scope="module")
 def stack(podman, image, tmp_path_factory):
     """Data (read-only for the containers), results, and an Airflow home with sqlite."""
@@ -167,64 +128,46 @@ def task_logs(stack) -> str:
     return "\n".join(p.read_text(errors="replace") for p in (stack["home"] / "logs").rglob("*.log"))
 
 
-def summary_value(output: str, key: str) -> str:
-    """A value of the summary's XCom, as the task logs its return value."""
-    found = re.findall(rf"'{key}': ('[^']*'|[0-9.e-]+)", output)
-    assert found, f"no {key!r} in the summary's return value"
-    return found[-1].strip("'")
+def test_data_mount_is_read_only_for_the_stages(stack):
+    """The stages get the data folder read-only: a container cannot write into it.
 
-
-def test_dag_fine_tunes_and_evaluates_in_containers(stack):
-    before = sha256(stack["data"] / "test.h5ad")
-    started = time.monotonic()
-    # 10 containers, fine-tuning among them: 20 minutes on a 2-core machine loaded by other work.
-    run = dags_test(stack["env"], {"input": "test.h5ad", "model": "tiny", "run_name": "ok"}, timeout=STAGES_TIMEOUT_S)
-    print(f"dags test (10 stages, fine-tuning): {time.monotonic() - started:.0f} s", file=sys.stderr)
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output[-6000:]
-    out = stack["results"] / "ok"
-    for relative in ("embeddings/embeddings.h5ad", "report.html", "qc/input_check.json",
-                     "report/embedding_summary.json", "pipeline_info/execution_trace.tsv", "finetune/label_split.tsv",
-                     "finetune/model/config.json", "evaluate/metrics.json", "evaluate/confusion_matrix.png"):
-        assert (out / relative).is_file(), relative
-    assert "'cells': 600, 'genes': 1640" in output  # the summary's XCom, as the task logs its return value
-    # Each fine-tuning step ran in its own stage container, resuming from the files before it.
-    logs = output + task_logs(stack)
-    for stage in FINETUNE_STAGES:
-        assert f"label_column=cell_type --until {stage}" in logs, stage  # the snakemake command line of its container
-    assert "nothing to annotate: param annotate is empty" in logs
-    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
-    assert float(summary_value(output, "heldout_accuracy")) == pytest.approx(metrics["fine_tuned"]["accuracy"])
-    assert float(summary_value(output, "heldout_macro_f1")) == pytest.approx(metrics["fine_tuned"]["macro_f1"])
-    assert float(summary_value(output, "probe_accuracy")) == pytest.approx(metrics["linear_probe"]["accuracy"])
-    assert summary_value(output, "model") == str(out / "finetune" / "model")
-    assert metrics["fine_tuned"]["accuracy"] > metrics["chance_accuracy"]
-    # The stages tracked the fine-tune in the store the DAG handed them (MLFLOW_TRACKING_URI).
-    run_id = summary_value(output, "mlflow_run_id")
-    run_dirs = list((stack["results"] / "mlruns").glob(f"*/{run_id}"))
-    assert len(run_dirs) == 1, sorted(p.name for p in (stack["results"] / "mlruns").iterdir())
-    recorded = run_dirs[0]
-    assert {"profile", "train.epochs", "optimizer_steps"} <= {p.name for p in (recorded / "params").iterdir()}
-    assert {"train_loss", "validation_accuracy", "heldout_accuracy", "heldout_macro_f1"} <= {
-        p.name for p in (recorded / "metrics").iterdir()}
-    epochs = (recorded / "metrics" / "validation_accuracy").read_text().split("\n")
-    assert len([line for line in epochs if line.strip()]) == 2  # one record per epoch of the tiny profile
-    assert (recorded / "artifacts" / "model" / "config.json").is_file()
-    assert (stack["results"] / "ok" / "mlruns").exists() is False
-    assert sha256(stack["data"] / "test.h5ad") == before
-    assert sorted(p.name for p in stack["data"].iterdir()) == ["bad.h5ad", "models", "test.h5ad", "unlabelled.h5ad"]
-    assert podman_cli(stack["env"], "ps", "-aq", "--filter", "label=helixflow.test=1").stdout.strip() == ""
-    # The data folder is mounted read-only: a container cannot write into it.
+    (The DAG's whole run with fine-tuning, through the scheduler, is tests/test_stack.py's.)
+    """
     write = podman_cli(stack["env"], "run", "--rm", "-v", f"{stack['data']}:/data:ro", "--entrypoint", "touch",
                        IMAGE, "/data/x")
     assert write.returncode != 0 and "Read-only file system" in write.stderr
 
-    # A second run with the same names (DAG, tasks, run name, results folder) does not conflict:
-    # every container is gone, and the new ones are named after the new run id.
-    assert "helixflow container: helixflow-helixflow-" in output
-    again = dags_test(stack["env"], {"input": "test.h5ad", "model": "tiny", "run_name": "ok"}, timeout=STAGES_TIMEOUT_S)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
-    assert podman_cli(stack["env"], "ps", "-aq", "--filter", "label=helixflow.test=1").stdout.strip() == ""
+
+def test_stage_container_stops_cleanly_within_seconds_of_sigterm(stack):
+    """tini, PID 1 of the image, hands the engine's SIGTERM (`docker stop`, DockerOperator's on_kill) to
+    helixflow, which ends snakemake and its jobs: the container exits 143 within seconds, not at the
+    engine's SIGKILL after the stop timeout; the same command then resumes and finishes."""
+    name = f"hf-sigterm-{os.getpid()}"
+    command = ["-v", f"{stack['data']}:/data:ro", "-v", f"{stack['results']}:/results", "-e",
+               "HELIXFLOW_WORKDIR=/results/sigterm", IMAGE, "run", "/data/test.h5ad", "--model", "tiny",
+               "--models-dir", "/data/models", "--out", "/results/sigterm", "--chunk-size", "100", "--until", "embed",
+               "--cores", "2"]
+    started = podman_cli(stack["env"], "run", "-d", "--name", name, "--label", "helixflow.test=1", *command)
+    assert started.returncode == 0, started.stderr
+    try:
+        deadline = time.monotonic() + 600
+        while "rule embed" not in (logs := podman_cli(stack["env"], "logs", name)).stdout + logs.stderr:
+            assert time.monotonic() < deadline, logs.stdout + logs.stderr
+            time.sleep(0.5)
+        stopping = time.monotonic()
+        stop = podman_cli(stack["env"], "stop", "-t", "60", name)
+        took = time.monotonic() - stopping
+        state = json.loads(podman_cli(stack["env"], "inspect", name).stdout)[0]["State"]
+        logs = podman_cli(stack["env"], "logs", name)
+    finally:
+        podman_cli(stack["env"], "rm", "-f", name)
+    assert stop.returncode == 0, stop.stderr
+    assert took < 30 and state["ExitCode"] == 128 + signal.SIGTERM, (took, state, logs.stderr[-3000:])
+    assert "helixflow: stopped by SIGTERM" in logs.stdout + logs.stderr
+    again = podman_cli(stack["env"], "run", "--rm", "--label", "helixflow.test=1", *command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(list((stack["results"] / "sigterm" / "embeddings" / "chunks").glob("*.h5ad"))) == 6
+    assert (stack["results"] / "sigterm" / "embeddings" / "embeddings.h5ad").is_file()
 
 
 def test_dag_without_labels_gives_embeddings_and_report(stack):
@@ -337,3 +280,43 @@ def test_slurm_param_hands_the_stage_to_a_slurm_profile():
     command = json.loads(done.stdout.strip().splitlines()[-1])
     assert command[:2] == ["run", "/data/a.h5ad"] and command[-2:] == ["--workflow-profile", "slurm"]
     assert command[command.index("--until") + 1] == "embed"
+
+
+def test_stage_containers_drop_privileges_and_see_only_their_run(tmp_path):
+    """The operator's mounts and host config, computed without a Docker daemon (docker-py's own HostConfig)."""
+    require_airflow()
+    data, results = tmp_path / "data", tmp_path / "results"
+    data.mkdir()
+    results.mkdir()
+    results.chmod(0o777)
+    code = """
+import json, sys, types
+sys.path.insert(0, 'airflow/dags')
+import docker
+import helixflow as dag
+params = {'input': 'a/x.h5ad', 'model': 'tiny', 'run_name': 'a-x'}
+binds = dag.stage_binds(params)
+dag.make_results_folders(binds)
+operator = dag.make_stage('embed')
+# The hook's client without a daemon to ping: the real docker-py client, API version given.
+operator.__dict__['hook'] = types.SimpleNamespace(api_client=docker.APIClient(base_url='unix:///nonexistent', version='1.41'))
+mounts = [docker.types.Mount(target, source, type='bind', read_only=read_only) for source, target, read_only in binds]
+host_config = operator.cli.create_host_config(mounts=mounts, privileged=operator.privileged, cap_add=operator.cap_add)
+print(json.dumps({'binds': binds, 'host_config': host_config}))
+"""
+    env = {**os.environ, "HELIXFLOW_EXECUTION": "docker", "HELIXFLOW_DATA_DIR": str(data),
+           "HELIXFLOW_RESULTS_DIR": str(results), "HELIXFLOW_MLFLOW_TRACKING_URI": "/results/mlruns"}
+    done = subprocess.run([AIRFLOW_VENV / "bin" / "python", "-c", code], cwd=PROJECT_DIR, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [tuple(bind) for bind in answer["binds"]] == [
+        (str(data), "/data", True), (f"{results}/a-x", "/results/a-x", False),
+        (f"{results}/mlruns", "/results/mlruns", False)]  # the shared MLflow file store the DAG hands on
+    for folder in ("a-x", "mlruns"):
+        assert (results / folder).stat().st_mode & 0o777 == 0o777  # as writable as the results folder
+    host_config = answer["host_config"]
+    assert host_config["CapDrop"] == ["ALL"] and host_config["SecurityOpt"] == ["no-new-privileges"]
+    assert not host_config.get("Privileged") and not host_config.get("CapAdd")
+    assert [(m["Source"], m["Target"], m["ReadOnly"]) for m in host_config["Mounts"]] == [
+        tuple(bind) for bind in answer["binds"]]

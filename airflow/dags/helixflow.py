@@ -9,18 +9,22 @@
                      input has the label column (param ``label_column``; the validate stage
                      records the input's obs columns); otherwise they skip, saying why, and
                      the run gives embeddings and report. ``annotate`` runs when asked.
-``helixflow_inbox``  data-arrival trigger: polls the watched folder and starts one ``helixflow``
-                     run per new ``.h5ad`` file.
+``helixflow_inbox``  data-arrival trigger: polls the watched folder (recursively) and starts one
+                     ``helixflow`` run per complete new or changed ``.h5ad`` file (helixflow_inbox.py).
 
 Settings (environment of the Airflow services; see docs/airflow.md):
   HELIXFLOW_EXECUTION        docker (default) | local: run the same stages as local processes
-  HELIXFLOW_DOCKER_URL       Docker API (the socket proxy); default $DOCKER_HOST
+  HELIXFLOW_DOCKER_URL       Docker API (the Docker API guard in compose); default $DOCKER_HOST
   HELIXFLOW_DATA_DIR         host folder with the inputs (+ models/), mounted read-only at /data
-  HELIXFLOW_RESULTS_DIR      host folder for results, mounted read-write at /results
+  HELIXFLOW_RESULTS_DIR      host folder for results; a stage mounts only its run's folder, read-write,
+                             at /results/<run name>
   HELIXFLOW_IMAGE / HELIXFLOW_GPU_IMAGE   images for CPU stages / GPU stages of GPU profiles
   HELIXFLOW_PROFILES_DIR     model profiles (default: the repository's config/profiles)
   HELIXFLOW_SCHEDULE         cron or preset for helixflow (default: none, manual/inbox only)
   HELIXFLOW_INBOX_SCHEDULE   how often helixflow_inbox looks for new files (default */5 * * * *)
+  HELIXFLOW_INBOX_DIR        the watched folder, inside the data folder (default: the data folder)
+  HELIXFLOW_INBOX_REQUIRE_DONE  true: a file is complete only with its <name>.done marker (default: also
+                             when its size and mtime are unchanged since the previous poll)
   HELIXFLOW_PUSHGATEWAY      Prometheus Pushgateway URL handed to the stages (their step metrics); unset: none
   HELIXFLOW_STAGE_NETWORK    Docker network of the stage containers (compose: the one of the Pushgateway)
   HELIXFLOW_MLFLOW_TRACKING_URI  MLflow server of the fine-tuning stages (their MLFLOW_TRACKING_URI);
@@ -155,6 +159,16 @@ def stage_skip_reason(params: dict, stage: str) -> str | None:
     return None
 
 
+def stage_limits_or_skip(params: dict, stage: str, *, log) -> dict:
+    """The stage's container limits, or AirflowSkipException with the reason it does not run."""
+    reason = stage_skip_reason(params, stage)
+    if reason:
+        # Airflow's task log says only "Skipping task."; the reason is for the user reading it.
+        log.info("%s skipped: %s", stage, reason)
+        raise AirflowSkipException(reason)
+    return stage_limits(read_profile(params["model"]), stage)
+
+
 def stage_command(params: dict, stage: str, data_dir: str, results_dir: str, models_dir: str, cores: int,
                   profiles_dir: str | None = None) -> list[str]:
     command = ["run", input_path(params, data_dir), "--model", params["model"], "--out",
@@ -183,13 +197,13 @@ PARAMS = {
                    title="Model profile", description="config/profiles/<name>.yaml"),
     "stages": Param(STAGES, type="array", items={"type": "string", "enum": STAGES}, examples=STAGES,
                     title="Stages", description="stages to run; a stage also does any missing earlier work"),
-    "run_name": Param("", type="string", title="Run name",
+    "run_name": Param(None, type=["null", "string"], title="Run name",
                       description="results folder name under the results folder; default: the input's file name"),
     "chunk_size": Param(None, type=["null", "integer"], minimum=1, title="Cells per chunk"),
     "label_column": Param("cell_type", type="string", title="Label column",
                           description="obs column to fine-tune a cell classifier on (label split, fine-tune, evaluate);"
                                       " empty, or absent from the input: embeddings and report only"),
-    "annotate": Param("", type="string", title="Dataset to annotate",
+    "annotate": Param(None, type=["null", "string"], title="Dataset to annotate",
                       description="an .h5ad file in the data folder to label with the fine-tuned model; empty: none"),
     "workflow_profile": Param("default", type="string", enum=WORKFLOW_PROFILES,
                               title="Where the jobs run",
@@ -209,6 +223,58 @@ def slurm_mounts(params: dict) -> list[tuple[str, str, bool]]:
     return [(os.environ[name], target, read_only) for name, (target, read_only) in folders.items()]
 
 
+# Host-config options of every stage container (DockerOperator passes neither itself): no Linux
+# capabilities (the stages run as an unprivileged user and need none) and no privilege gain
+# through setuid binaries.
+STAGE_HOST_CONFIG = {"cap_drop": ["ALL"], "security_opt": ["no-new-privileges"]}
+
+
+def mlflow_store_folder() -> str | None:
+    """The shared MLflow file store under /results, when HELIXFLOW_MLFLOW_TRACKING_URI is such a path."""
+    path = os.environ.get("HELIXFLOW_MLFLOW_TRACKING_URI", "").removeprefix("file://")
+    if not path.startswith("/results/") or ".." in Path(path).parts:
+        return None
+    relative = Path(path).relative_to("/results")
+    return relative.as_posix()
+
+
+def stage_binds(params: dict) -> list[tuple[str, str, bool]]:
+    """(host folder, container folder, read-only) of a stage container.
+
+    The data folder read-only; of the results folder only the run's own folder (the stages write
+    nothing else: snakemake's state, the lock and a local MLflow store live in it), plus a shared
+    MLflow file store under /results when one is configured; the profiles and SLURM folders when set.
+    """
+    name = run_name(params)
+    binds = [(DATA_DIR, "/data", True), (f"{RESULTS_DIR}/{name}", f"/results/{name}", False)]
+    store = mlflow_store_folder()
+    if store:
+        binds.append((f"{RESULTS_DIR}/{store}", f"/results/{store}", False))
+    if HOST_PROFILES_DIR:
+        binds.append((HOST_PROFILES_DIR, "/profiles", True))
+    return binds + slurm_mounts(params)
+
+
+def make_results_folders(binds: list[tuple[str, str, bool]]) -> None:
+    """Create the writable results folders a stage binds, with the results folder's permissions.
+
+    A bind mount's source must exist. The Airflow services see the results folder at its host
+    path; a folder they create gets the mode of the results folder, so the stages' user can
+    write wherever it could write the results folder.
+    """
+    mode = Path(RESULTS_DIR).stat().st_mode & 0o7777
+    for source, _, read_only in binds:
+        folder = Path(source)
+        if not read_only and folder.is_relative_to(RESULTS_DIR) and not folder.is_dir():
+            try:
+                folder.mkdir(parents=True)
+                folder.chmod(mode)
+            except PermissionError:
+                raise PermissionError(f"{folder}: cannot create the run's results folder; the results folder "
+                                      f"{RESULTS_DIR} must be writable by the Airflow services (uid {os.getuid()}) "
+                                      "as well as by the stages' user (docs/airflow.md)") from None
+
+
 def container_name(context, stage: str) -> str:
     run_id = re.sub(r"[^A-Za-z0-9_.-]", "-", context["run_id"])[:80]
     return f"helixflow-{context['dag'].dag_id}-{run_id}-{stage}-try{context['ti'].try_number}"
@@ -219,8 +285,23 @@ if EXECUTION == "docker":
     from docker.errors import NotFound
     from docker.types import DeviceRequest, Mount
 
+    class HardenedApiClient:
+        """A Docker API client whose host configs carry STAGE_HOST_CONFIG; everything else passes through."""
+
+        def __init__(self, client):
+            self._client = client
+
+        def __getattr__(self, name):
+            return getattr(self._client, name)
+
+        def create_host_config(self, **options):
+            return self._client.create_host_config(**options, **STAGE_HOST_CONFIG)
+
     class HelixflowStageOperator(DockerOperator):
         """One workflow stage in the helixflow image; limits and GPUs from the run's model profile.
+
+        The container drops every capability, may not gain privileges (STAGE_HOST_CONFIG) and
+        sees only its run's results folder (stage_binds).
 
         Before starting, containers left by earlier tries of the same task (a killed worker) are
         removed; the container name is unique per run, task and try; ``auto_remove='force'`` removes
@@ -233,10 +314,7 @@ if EXECUTION == "docker":
 
         def execute(self, context):
             params = context["params"]
-            reason = stage_skip_reason(params, self.stage)
-            if reason:
-                raise AirflowSkipException(reason)
-            limits = stage_limits(read_profile(params["model"]), self.stage)
+            limits = stage_limits_or_skip(params, self.stage, log=self.log)
             name = run_name(params)
             self.container_name = container_name(context, self.stage)
             # cAdvisor turns these into container_label_helixflow_* labels (docs/airflow.md, Metrics).
@@ -252,12 +330,10 @@ if EXECUTION == "docker":
             self.command = stage_command(params, self.stage, "/data", "/results", CONTAINER_MODELS_DIR, limits["cpus"],
                                          "/profiles" if HOST_PROFILES_DIR else None)
             self.environment = {**(self.environment or {}), **stage_environment(), "HELIXFLOW_WORKDIR": f"/results/{name}"}
-            self.mounts = [Mount(target="/data", source=DATA_DIR, type="bind", read_only=True),
-                           Mount(target="/results", source=RESULTS_DIR, type="bind", read_only=False)]
-            if HOST_PROFILES_DIR:
-                self.mounts.append(Mount(target="/profiles", source=HOST_PROFILES_DIR, type="bind", read_only=True))
-            self.mounts += [Mount(target=target, source=source, type="bind", read_only=read_only)
-                            for source, target, read_only in slurm_mounts(params)]
+            binds = stage_binds(params)
+            make_results_folders(binds)
+            self.mounts = [Mount(target=target, source=source, type="bind", read_only=read_only)
+                           for source, target, read_only in binds]
             self.log.info("helixflow container: %s (%s, %s CPUs, GPUs %s)", self.container_name, self.mem_limit,
                           limits["cpus"], limits["gpus"])
             self._remove_leftovers(context)
@@ -266,6 +342,10 @@ if EXECUTION == "docker":
             except BaseException:
                 self._remove_container()
                 raise
+
+        @property
+        def cli(self):
+            return HardenedApiClient(super().cli)
 
         def _remove_leftovers(self, context):
             """Containers of earlier tries of this task in this run, and any holding our name."""
@@ -311,10 +391,7 @@ else:
 
         def execute(self, context):
             params = context["params"]
-            reason = stage_skip_reason(params, self.stage)
-            if reason:
-                raise AirflowSkipException(reason)
-            limits = stage_limits(read_profile(params["model"]), self.stage)
+            limits = stage_limits_or_skip(params, self.stage, log=self.log)
             self.cwd = f"{RESULTS_DIR}/{run_name(params)}"
             Path(self.cwd).mkdir(parents=True, exist_ok=True)
             command = stage_command(params, self.stage, DATA_DIR, RESULTS_DIR, LOCAL_MODELS_DIR, limits["cpus"],
@@ -400,18 +477,31 @@ with DAG(
     from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 
     @task
-    def new_files() -> list[dict]:
-        """.h5ad files in the watched folder not seen before (a marker per file name and mtime)."""
-        inbox = Path(os.environ.get("HELIXFLOW_INBOX_DIR", DATA_DIR))
-        seen = Path(RESULTS_DIR) / ".helixflow-inbox"
-        seen.mkdir(parents=True, exist_ok=True)
-        confs = []
-        for path in sorted(inbox.glob("*.h5ad")):
-            marker = seen / f"{path.name}.{int(path.stat().st_mtime)}.seen"
-            if not marker.exists():
-                marker.touch()
-                confs.append({"input": str(path.relative_to(DATA_DIR)) if path.is_relative_to(DATA_DIR) else path.name,
-                              "model": os.environ.get("HELIXFLOW_DEFAULT_MODEL", "tiny")})
-        return confs
+    def new_files(ti=None) -> list[dict]:
+        """Complete .h5ad files under the watched folder whose current version has no run yet (helixflow_inbox.py)."""
+        import helixflow_inbox as inbox
 
-    TriggerDagRunOperator.partial(task_id="start_run", trigger_dag_id="helixflow").expand(conf=new_files())
+        watched = Path(os.environ.get("HELIXFLOW_INBOX_DIR", DATA_DIR))
+        if not watched.resolve().is_relative_to(Path(DATA_DIR).resolve()):
+            raise ValueError(f"HELIXFLOW_INBOX_DIR {watched} must be inside HELIXFLOW_DATA_DIR {DATA_DIR}: "
+                             "the stage containers see only the data folder")
+        state_dir = Path(RESULTS_DIR) / ".helixflow-inbox"
+
+        def run_status(run_id: str) -> str | None:
+            if not ti.get_dr_count(dag_id=helixflow_dag.dag_id, run_ids=[run_id]):
+                return None
+            return ti.get_dagrun_state(dag_id=helixflow_dag.dag_id, run_id=run_id)
+
+        runs, state = inbox.poll(inbox.scan(watched), inbox.read_state(state_dir), run_status,
+                                 require_done_marker=os.environ.get("HELIXFLOW_INBOX_REQUIRE_DONE", "").lower()
+                                 in ("1", "true", "yes"))
+        inbox.write_state(state_dir, state)
+        model = os.environ.get("HELIXFLOW_DEFAULT_MODEL", "tiny")
+        prefix = watched.resolve().relative_to(Path(DATA_DIR).resolve())
+        return [{"trigger_run_id": run["run_id"],
+                 "conf": {"input": (prefix / run["relative"]).as_posix(), "model": model, "run_name": run["run_name"]}}
+                for run in runs]
+
+    # The run ids are fixed by the files (helixflow_inbox.run_id): a run that exists is not started twice.
+    TriggerDagRunOperator.partial(task_id="start_run", trigger_dag_id=helixflow_dag.dag_id,
+                                  skip_when_already_exists=True).expand_kwargs(new_files())
