@@ -22,7 +22,7 @@ def load_bench():
 
 BENCH = load_bench()
 # The same factor ten as one to ten million cells, at a size a 2-core CI machine runs in minutes
-# (preparing 1M cells' chunks alone takes about 10 minutes there); bench/memory.py takes any sizes.
+# (at 1M cells, annotate alone runs the model over every cell for minutes); bench/memory.py takes any sizes.
 SIZES = (20_000, 200_000)
 
 

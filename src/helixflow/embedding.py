@@ -15,6 +15,7 @@ from pathlib import Path
 import anndata as ad
 import h5py
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata.io import read_elem, write_elem
@@ -148,11 +149,21 @@ def embed_chunk(
         precision,
         progress=progress,
     )
-    result = ad.AnnData(X=sp.csr_matrix((len(obs), 0), dtype=np.float32), obs=obs, obsm={EMBEDDING_KEY: embeddings},
+    write_embedded_chunk(obs, embeddings, out, provenance=provenance)
+    return len(obs)
+
+
+def write_embedded_chunk(obs: pd.DataFrame, embeddings: np.ndarray, out: str | Path, *, provenance: dict | None = None) -> None:
+    """Write one chunk's embeddings file as ``gather`` reads it.
+
+    The chunk's ``obs``, an empty ``X`` (cells by no genes), the ``(n_cells, hidden_size)``
+    float32 embeddings in ``obsm``, and ``provenance`` (if any) in ``uns["provenance"]``.
+    """
+    result = ad.AnnData(X=sp.csr_matrix((len(obs), 0), dtype=np.float32), obs=obs,
+                        obsm={EMBEDDING_KEY: np.asarray(embeddings, dtype=np.float32)},
                         uns={"provenance": provenance} if provenance else None)
     with atomic_path(out) as partial:
         result.write_h5ad(partial)
-    return len(obs)
 
 
 def chunk_provenance(chunk_file: str | Path) -> dict | None:
