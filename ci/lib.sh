@@ -17,11 +17,15 @@ ensure_apt() {  # ensure_apt "cmd1 cmd2" pkg...
 }
 
 # containers.conf for this VM: runc (crun fails on the hybrid cgroup layout), cgroupfs
-# (no systemd), file events (no journald), ulimits within the VM's hard limits.
-write_containers_conf() {
-    local nofile nproc
+# (no systemd), file events (no journald), ulimits within the VM's hard limits. Networks live in
+# the state dir, on subnets derived from its path, so that several podman states on one machine
+# (the helpers of a shared host, or a second test run) never share a network name or a subnet.
+write_containers_conf() {  # write_containers_conf FILE STATE_DIR
+    local nofile nproc octet
     nofile=$(ulimit -Hn); [ "$nofile" = unlimited ] && nofile=1048576
     nproc=$(ulimit -Hu); { [ "$nproc" = unlimited ] || [ "$nproc" -gt 32768 ]; } && nproc=32768
+    octet=$((100 + $(printf '%s' "$2" | cksum | cut -d' ' -f1) % 100))
+    mkdir -p "$2/networks"
     cat >"$1" <<CONF
 # written by helixflow ci/podman-up.sh
 [containers]
@@ -30,7 +34,16 @@ default_ulimits = ["nofile=${nofile}:${nofile}", "nproc=${nproc}:${nproc}"]
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
+[network]
+network_config_dir = "$2/networks"
+default_subnet_pools = [{"base" = "10.${octet}.0.0/16", "size" = 24}]
 CONF
+}
+
+# storage.conf with the images and containers under DIR (PODMAN_STORAGE_DIR of podman-up.sh).
+write_storage_conf() {  # write_storage_conf FILE DIR
+    mkdir -p "$2/root" "$2/run"
+    printf '[storage]\ndriver = "overlay"\ngraphroot = "%s/root"\nrunroot = "%s/run"\n' "$2" "$2" >"$1"
 }
 
 # PID alive and its command line contains NEEDLE (not a recycled PID).

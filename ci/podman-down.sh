@@ -9,6 +9,7 @@ set -euo pipefail
 STATE=$(cd -- "$1" && pwd -P)
 SOCK=$STATE/podman.sock
 [ -f "$STATE/containers.conf" ] && export CONTAINERS_CONF=$STATE/containers.conf
+[ -f "$STATE/storage.conf" ] && export CONTAINERS_STORAGE_CONF=$STATE/storage.conf
 if command -v podman >/dev/null; then
     ids=$(podman ps -aq --filter "label=${CI_CONTAINER_LABEL:-helixflow.test=1}" 2>/dev/null || true)
     # shellcheck disable=SC2086

@@ -3,6 +3,8 @@
 # Starts `podman system service` (Docker API) on unix://STATE_DIR/podman.sock, PID in
 # STATE_DIR/podman.pid, log in STATE_DIR/podman.log; installs podman/runc if missing.
 # Prints `export CONTAINERS_CONF=... DOCKER_HOST=...`; every podman CLI call needs CONTAINERS_CONF.
+# PODMAN_STORAGE_DIR=DIR: images and containers under DIR instead of podman's default storage
+# (then CONTAINERS_STORAGE_CONF is exported too).
 # A running service that answers /_ping is reused. Stop it with ci/podman-down.sh STATE_DIR.
 set -euo pipefail
 . "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
@@ -12,9 +14,15 @@ STATE=$(cd -- "$1" && pwd -P)
 SOCK=$STATE/podman.sock
 [ "${#SOCK}" -lt 108 ] || die "socket path longer than 107 bytes: $SOCK"
 ensure_apt "podman runc curl" podman runc curl
-write_containers_conf "$STATE/containers.conf"
+write_containers_conf "$STATE/containers.conf" "$STATE"
 export CONTAINERS_CONF=$STATE/containers.conf
-exports() { printf 'export CONTAINERS_CONF=%q DOCKER_HOST=%q\n' "$CONTAINERS_CONF" "unix://$SOCK"; }
+storage=
+if [ -n "${PODMAN_STORAGE_DIR:-}" ]; then
+    write_storage_conf "$STATE/storage.conf" "$PODMAN_STORAGE_DIR"
+    export CONTAINERS_STORAGE_CONF=$STATE/storage.conf
+    storage=$(printf ' CONTAINERS_STORAGE_CONF=%q' "$CONTAINERS_STORAGE_CONF")
+fi
+exports() { printf 'export CONTAINERS_CONF=%q DOCKER_HOST=%q%s\n' "$CONTAINERS_CONF" "unix://$SOCK" "$storage"; }
 
 if [ -f "$STATE/podman.pid" ] && pid_is "$(cat "$STATE/podman.pid")" "$SOCK" && ping_socket "$SOCK"; then
     log "podman service already running (pid $(cat "$STATE/podman.pid"))"

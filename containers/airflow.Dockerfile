@@ -3,6 +3,7 @@
 # model stack: the DAG's stage tasks run in the helixflow image through the Docker API (the socket
 # proxy). The DAGs, plugins and profiles are mounted (compose.yaml) or baked in below.
 # Build (context: the repository root):
+#   docker compose build airflow-init        # as compose.yaml builds it
 #   docker build -f containers/airflow.Dockerfile -t helixflow-airflow:3.3.2 .
 #   ci/build-image.sh containers/airflow.Dockerfile localhost/helixflow-airflow:3.3.2   # podman
 ARG BASE_IMAGE=debian:bookworm-slim
@@ -32,7 +33,7 @@ ENV LANG=C.UTF-8 \
     HELIXFLOW_PROFILES_DIR=/opt/airflow/profiles
 
 RUN set -eu; \
-    apt_opts=""; [ -n "$HOST_CA_BUNDLE" ] && apt_opts="-o Acquire::https::CAInfo=$HOST_CA_BUNDLE"; \
+    apt_opts=""; [ -f "$HOST_CA_BUNDLE" ] && apt_opts="-o Acquire::https::CAInfo=$HOST_CA_BUNDLE"; \
     export DEBIAN_FRONTEND=noninteractive; \
     apt-get $apt_opts update; \
     apt-get $apt_opts install -y --no-install-recommends python3 python3-venv ca-certificates curl tini; \
@@ -40,23 +41,30 @@ RUN set -eu; \
     python3 -m venv /opt/airflow-venv
 
 COPY containers/airflow-constraints.txt /opt/airflow-constraints.txt
+COPY containers/pip-sources.sh /opt/pip-sources.sh
 # Airflow's constraints approach: every transitive version fixed by a constraints file
 # (containers/airflow-constraints.txt, resolved and tested by the Makefile's .venv-airflow).
 RUN set -eu; \
-    for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_CONSTRAINT; do \
-        eval "[ -n \"\${$v:-}\" ]" || unset "$v"; done; \
-    [ -n "$HOST_CA_BUNDLE" ] && export PIP_CERT="$HOST_CA_BUNDLE"; \
+    . /opt/pip-sources.sh; \
     unset PIP_CONSTRAINT; \
     pip install --constraint /opt/airflow-constraints.txt \
         "apache-airflow==${AIRFLOW_VERSION}" "apache-airflow-providers-docker==${DOCKER_PROVIDER_VERSION}" \
         "psycopg2-binary==${PSYCOPG2_VERSION}" "airflow-exporter==${AIRFLOW_EXPORTER_VERSION}"; \
+    rm -f /tmp/host-ca.crt; \
     airflow version
+# Airflow 3 opens an async engine too: asyncpg for postgresql:// URLs (the stack's Postgres). A
+# layer of its own, so changing it does not rerun the one above (minutes).
+ARG ASYNCPG_VERSION=0.32.0
+RUN set -eu; \
+    . /opt/pip-sources.sh; \
+    pip install "asyncpg==${ASYNCPG_VERSION}"; \
+    rm -f /tmp/host-ca.crt
 
 COPY airflow/dags /opt/airflow/dags
 COPY airflow/plugins /opt/airflow/plugins
 COPY config/profiles /opt/airflow/profiles
 RUN useradd --uid "${AIRFLOW_UID}" --gid 0 --home-dir /opt/airflow --shell /bin/bash airflow \
-    && mkdir -p /opt/airflow/logs \
+    && mkdir -p /opt/airflow/logs /opt/airflow/auth \
     && chown -R "${AIRFLOW_UID}:0" /opt/airflow \
     && chmod -R g+rwX /opt/airflow
 

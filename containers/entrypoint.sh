@@ -4,8 +4,14 @@
 #    the model from $HELIXFLOW_MODELS_DIR, else $HELIXFLOW_DATA_DIR/models, else the baked-in models;
 #  * otherwise `helixflow ARGS...`, after checking that the data folder ($HELIXFLOW_DATA_DIR,
 #    /data) exists and is readable, so a forgotten or wrong mount is one clear line, not a traceback;
-#  * HELIXFLOW_WORKDIR: created and used as the working directory (snakemake keeps its state there).
+#  * HELIXFLOW_WORKDIR: created and used as the working directory (snakemake keeps its state there);
+#  * run as another user (--user UID, e.g. the results folder's owner), who has no home in the
+#    image: HOME becomes a fresh folder in /tmp (snakemake, matplotlib and torch keep caches there).
 set -eu
+if [ ! -w "${HOME:-/}" ]; then
+    HOME=$(mktemp -d /tmp/home.XXXXXX)
+    export HOME
+fi
 data=${HELIXFLOW_DATA_DIR:-/data}
 models=${HELIXFLOW_MODELS_DIR:-}
 if [ -z "$models" ]; then

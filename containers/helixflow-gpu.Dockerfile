@@ -36,7 +36,7 @@ ENV LANG=C.UTF-8 \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        python3.11 python3.11-venv ca-certificates procps slurm-client munge \
+        python3.11 python3.11-venv ca-certificates procps slurm-client munge tini \
     && apt-get clean \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv /opt/venv
@@ -65,5 +65,7 @@ RUN pip install --no-deps --no-build-isolation -e /opt/helixflow \
 
 USER ${APP_UID}
 WORKDIR /home/helix
-ENTRYPOINT ["helixflow-entrypoint"]
+# tini as PID 1: passes SIGTERM (docker stop, Airflow's on_kill) on to helixflow, which stops
+# snakemake and its jobs cleanly, and reaps orphaned processes.
+ENTRYPOINT ["/usr/bin/tini", "--", "helixflow-entrypoint"]
 CMD []

@@ -25,12 +25,14 @@ ARG TORCH_VERSION=2.13.0
 ARG HELICAL_VERSION=2.2.0
 ARG DEEPSPEED_VERSION=0.19.8
 ARG SLURM_PLUGIN_VERSION=2.8.0
-# Host pip sources, mounted into RUN steps by ci/build-image.sh; empty ones are unset.
+# Host pip sources (ci/build-image.sh mounts them, ci/wheel-server.sh serves them); see containers/pip-sources.sh.
 ARG PIP_INDEX_URL=
 ARG PIP_EXTRA_INDEX_URL=
 ARG PIP_FIND_LINKS=
 ARG PIP_CONSTRAINT=
 ARG HOST_CA_BUNDLE=
+# The CPU build of torch (PyTorch's CPU index), never PyPI's multi-GB CUDA one.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 ENV LANG=C.UTF-8 \
     PIP_NO_CACHE_DIR=1 \
@@ -40,7 +42,7 @@ ENV LANG=C.UTF-8 \
 
 # Debian bookworm's python3 is 3.11; python3-dev and g++ build the DeepSpeed ops.
 RUN set -eu; \
-    apt_opts=""; [ -n "$HOST_CA_BUNDLE" ] && apt_opts="-o Acquire::https::CAInfo=$HOST_CA_BUNDLE"; \
+    apt_opts=""; [ -f "$HOST_CA_BUNDLE" ] && apt_opts="-o Acquire::https::CAInfo=$HOST_CA_BUNDLE"; \
     export DEBIAN_FRONTEND=noninteractive; \
     apt-get $apt_opts update; \
     apt-get $apt_opts install -y --no-install-recommends python3 python3-venv python3-dev g++ ca-certificates; \
@@ -53,21 +55,21 @@ RUN set -eu; \
 # (DS_BUILD_*; DS_ACCELERATOR=cpu picks the CPU builders), then the SLURM executor plugin
 # without its numpy>=2.4.5 pin (as the Makefile; its other requirements are in pyproject.toml).
 COPY pyproject.toml /opt/helixflow/pyproject.toml
+COPY containers/pip-sources.sh /opt/helixflow/containers/pip-sources.sh
 RUN set -eu; \
-    for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_CONSTRAINT; do \
-        eval "[ -n \"\${$v:-}\" ]" || unset "$v"; done; \
-    [ -n "$HOST_CA_BUNDLE" ] && export PIP_CERT="$HOST_CA_BUNDLE"; \
+    . /opt/helixflow/containers/pip-sources.sh; \
     pip install --upgrade pip==26.3 setuptools==84.2.1; \
-    pip install "torch==${TORCH_VERSION}"; \
+    pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"; \
     pip install --no-deps "helical==${HELICAL_VERSION}"; \
     python -c 'import tomllib; deps = tomllib.load(open("/opt/helixflow/pyproject.toml", "rb"))["project"]["dependencies"]; \
         print("\n".join(d for d in deps if not d.startswith("deepspeed==")))' > /tmp/requirements.txt; \
     pip install -r /tmp/requirements.txt; \
-    rm /tmp/requirements.txt; \
+    rm -f /tmp/requirements.txt; \
     DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1 \
         pip install --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}" "torch==${TORCH_VERSION}"; \
     pip install --no-deps "snakemake-executor-plugin-slurm==${SLURM_PLUGIN_VERSION}"; \
-    python -c 'import torch; assert torch.__version__.startswith("'"$TORCH_VERSION"'"), torch.__version__'; \
+    rm -f /tmp/host-ca.crt; \
+    python -c 'import torch; assert torch.__version__.startswith("'"$TORCH_VERSION"'") and torch.version.cuda is None, torch.__version__'; \
     DS_ACCELERATOR=cpu python -c 'from deepspeed.git_version_info import installed_ops as ops, accelerator_name as a; \
         assert a == "cpu" and ops["cpu_adam"] and ops["deepspeed_shm_comm"], (a, ops)'
 
@@ -100,10 +102,10 @@ ENV LANG=C.UTF-8 \
 # DeepSpeed ops; slurm-client + munge: `--workflow-profile slurm*` submits from the container
 # (mount the cluster's slurm.conf at /etc/slurm and its munge socket folder at /run/munge).
 RUN set -eu; \
-    apt_opts=""; [ -n "$HOST_CA_BUNDLE" ] && apt_opts="-o Acquire::https::CAInfo=$HOST_CA_BUNDLE"; \
+    apt_opts=""; [ -f "$HOST_CA_BUNDLE" ] && apt_opts="-o Acquire::https::CAInfo=$HOST_CA_BUNDLE"; \
     export DEBIAN_FRONTEND=noninteractive; \
     apt-get $apt_opts update; \
-    apt-get $apt_opts install -y --no-install-recommends python3 ca-certificates procps libgomp1 slurm-client munge; \
+    apt-get $apt_opts install -y --no-install-recommends python3 ca-certificates procps libgomp1 slurm-client munge tini; \
     apt-get clean; rm -rf /var/lib/apt/lists/*; \
     for cc in cc gcc g++ c++; do if command -v "$cc"; then echo "compiler $cc in the final image" >&2; exit 1; fi; done
 
@@ -112,8 +114,7 @@ COPY --from=builder /opt/venv /opt/venv
 # The project: editable, because it finds workflow/ and config/ next to src/.
 COPY . /opt/helixflow
 RUN set -eu; \
-    for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_CONSTRAINT; do \
-        eval "[ -n \"\${$v:-}\" ]" || unset "$v"; done; \
+    . /opt/helixflow/containers/pip-sources.sh; \
     pip install --no-deps --no-build-isolation -e /opt/helixflow; \
     install -m 0755 /opt/helixflow/containers/entrypoint.sh /usr/local/bin/helixflow-entrypoint; \
     useradd --uid "$APP_UID" --create-home --shell /bin/bash helix; \
@@ -126,5 +127,7 @@ RUN set -eu; \
 
 USER ${APP_UID}
 WORKDIR /home/helix
-ENTRYPOINT ["helixflow-entrypoint"]
+# tini as PID 1: passes SIGTERM (docker stop, Airflow's on_kill) on to helixflow, which stops
+# snakemake and its jobs cleanly, and reaps orphaned processes.
+ENTRYPOINT ["/usr/bin/tini", "--", "helixflow-entrypoint"]
 CMD []

@@ -13,6 +13,7 @@ import pytest
 
 from helixflow.demo_data import make_demo_dataset
 from helixflow.model_files import ModelFiles, stage_synthetic
+from compose_stack import compose_project  # noqa: F401 - the session fixture of the stack test and the Airflow tests
 from prometheus_stack import PROJECT_DIR, pushgateway_service  # noqa: F401 - PROJECT_DIR: for the test modules
 
 

@@ -1,9 +1,11 @@
 """A real Prometheus, Pushgateway and node-exporter on 127.0.0.1, for tests (Debian's binaries).
 
 Prometheus runs the project's own monitoring/prometheus.yml and rules, with every scrape target
-replaced by a local address (jobs without one are dropped) and a 1 s scrape interval::
+replaced by a local address (jobs without one are dropped), every credentials file by a local
+file and a 1 s scrape interval::
 
-    with PrometheusStack(tmp_path, targets={"airflow": "127.0.0.1:8080"}) as stack:
+    secrets = {credentials_file("airflow"): tmp_path / "token"}
+    with PrometheusStack(tmp_path, targets={"airflow": "127.0.0.1:8080"}, secrets=secrets) as stack:
         push_to_gateway(stack.pushgateway_url, job="helixflow", registry=registry)
         stack.wait_for('helixflow_step_success{run="r1"}')
 """
@@ -65,8 +67,14 @@ def query_range(base_url: str, expr: str, start: float, end: float, step: float)
     return api_get(base_url, "/api/v1/query_range", params)["result"]
 
 
-def local_config(targets: dict[str, str], rules_dir: Path) -> dict:
-    """monitoring/prometheus.yml with local targets, absolute rule paths and a 1 s interval.
+def credentials_file(job: str) -> str:
+    """The ``authorization.credentials_file`` of scrape job `job` in monitoring/prometheus.yml (a container path)."""
+    (config,) = [c for c in yaml.safe_load(CONFIG.read_text())["scrape_configs"] if c["job_name"] == job]
+    return config["authorization"]["credentials_file"]
+
+
+def local_config(targets: dict[str, str], rules_dir: Path, secrets: dict[str, Path] | None = None) -> dict:
+    """monitoring/prometheus.yml with local targets and credentials files, absolute rule paths, a 1 s interval.
 
     Parameters
     ----------
@@ -74,6 +82,14 @@ def local_config(targets: dict[str, str], rules_dir: Path) -> dict:
         Job name -> ``host:port``; jobs not named here are dropped.
     rules_dir : Path
         The folder the config's relative ``rule_files`` are resolved against.
+    secrets : dict of str to Path, optional
+        A ``credentials_file`` of the config (the path compose mounts it at) -> the local file to use.
+
+    Raises
+    ------
+    KeyError
+        When a kept job reads a credentials file that `secrets` does not map: Prometheus would
+        scrape it without credentials, or not start.
     """
     config = yaml.safe_load(CONFIG.read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
@@ -81,6 +97,12 @@ def local_config(targets: dict[str, str], rules_dir: Path) -> dict:
     jobs = [job for job in config["scrape_configs"] if job["job_name"] in targets]
     for job in jobs:
         job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
+        authorization = job.get("authorization", {})
+        if "credentials_file" in authorization:
+            path = authorization["credentials_file"]
+            if path not in (secrets or {}):
+                raise KeyError(f"scrape job {job['job_name']} reads {path}: pass a local file for it in secrets")
+            authorization["credentials_file"] = str(secrets[path])
     config["scrape_configs"] = jobs
     return config
 
@@ -148,6 +170,9 @@ class PrometheusStack:
     targets : dict of str to str, optional
         More scrape jobs of monitoring/prometheus.yml -> ``host:port`` (e.g. ``"airflow"``);
         the jobs prometheus, pushgateway and node point at the processes started here.
+    secrets : dict of str to Path, optional
+        The config's ``credentials_file`` paths -> local files (see `local_config`), e.g. the
+        airflow job's bearer token.
 
     Attributes
     ----------
@@ -155,8 +180,10 @@ class PrometheusStack:
         ``http://127.0.0.1:<port>`` of each process.
     """
 
-    def __init__(self, workdir: Path, targets: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, targets: dict[str, str] | None = None,
+                 secrets: dict[str, Path] | None = None) -> None:
         self.workdir = Path(workdir)
+        self.secrets = dict(secrets or {})
         self.config = self.workdir / "prometheus.yml"
         port = {name: free_port() for name in ("prometheus", "pushgateway", "node")}
         self.pushgateway = pushgateway_service(port["pushgateway"])
@@ -185,7 +212,7 @@ class PrometheusStack:
 
     def start(self) -> PrometheusStack:
         """Write the config, start the exporters, then Prometheus; each ready when this returns."""
-        self.config.write_text(yaml.safe_dump(local_config(self.targets, CONFIG.parent)))
+        self.config.write_text(yaml.safe_dump(local_config(self.targets, CONFIG.parent, self.secrets)))
         try:
             for service in (self.pushgateway, self.node, self.prometheus):
                 service.start(self.workdir)
@@ -212,7 +239,7 @@ class PrometheusStack:
         target is listed.
         """
         self.targets[job] = address
-        self.config.write_text(yaml.safe_dump(local_config(self.targets, CONFIG.parent)))
+        self.config.write_text(yaml.safe_dump(local_config(self.targets, CONFIG.parent, self.secrets)))
         os.kill(self.prometheus.process.pid, signal.SIGHUP)
         deadline = time.monotonic() + timeout
         while not any(target["labels"].get("job") == job

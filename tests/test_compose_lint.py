@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -29,20 +32,22 @@ def test_compose_validates_against_the_compose_spec():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_compose_keeps_the_docker_socket_in_the_proxy():
+def test_compose_keeps_the_docker_socket_in_the_guard():
     compose = yaml.safe_load((PROJECT_DIR / "compose.yaml").read_text())
     services = compose["services"]
-    assert {"postgres", "docker-proxy", "airflow-init", "airflow-apiserver", "airflow-scheduler",
+    assert {"postgres", "docker-guard", "airflow-init", "airflow-apiserver", "airflow-scheduler",
             "airflow-dag-processor", "airflow-triggerer"} <= set(services)
     for name, service in services.items():
         mounts = " ".join(str(volume) for volume in service.get("volumes", []))
-        if name in ("docker-proxy", "cadvisor"):  # cAdvisor reads container labels from the engine
+        if name in ("docker-guard", "cadvisor"):  # cAdvisor reads container labels from the engine
             assert "docker.sock:ro" in mounts
         else:
             assert "docker.sock" not in mounts, name
         if name.startswith("airflow-"):
-            assert service["environment"]["HELIXFLOW_DOCKER_URL"] == "tcp://docker-proxy:2375"
-        if name not in ("airflow-init",):
+            assert service["environment"]["HELIXFLOW_DOCKER_URL"] == "tcp://docker-guard:2375"
+            # Only the scheduler (LocalExecutor: it runs the tasks) reaches the guard.
+            assert ("docker-api" in service["networks"]) == (name == "airflow-scheduler"), name
+        if name not in ("airflow-init", "helixflow-image"):  # one-shot services
             assert "healthcheck" in service, name
     assert compose["networks"]["docker-api"]["internal"] is True
     ignored = (PROJECT_DIR / ".gitignore").read_text().splitlines()
@@ -50,8 +55,9 @@ def test_compose_keeps_the_docker_socket_in_the_proxy():
 
 
 def test_dockerfiles_pass_hadolint():
-    dockerfiles = sorted(str(p.relative_to(PROJECT_DIR)) for p in (PROJECT_DIR / "containers").glob("*.Dockerfile"))
-    assert "containers/helixflow-gpu.Dockerfile" in dockerfiles
+    dockerfiles = sorted(str(p.relative_to(PROJECT_DIR)) for folder in ("containers", "ci/stand-ins")
+                         for p in (PROJECT_DIR / folder).glob("*.Dockerfile"))
+    assert {"containers/helixflow-gpu.Dockerfile", "containers/mlflow.Dockerfile", "ci/stand-ins/postgres.Dockerfile"} <= set(dockerfiles)
     done = subprocess.run([tool("hadolint"), *dockerfiles], cwd=PROJECT_DIR, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -75,3 +81,75 @@ def test_compose_monitoring_profile():
         assert "./airflow/plugins:/opt/airflow/plugins:ro" in service["volumes"], name
         assert "metrics" in service["networks"], name
     assert "statsd" not in text.lower()
+
+
+def test_every_published_port_is_on_loopback_by_default():
+    """No service listens beyond the host unless its .env setting says so (AIRFLOW_BIND for the UI)."""
+    services = yaml.safe_load((PROJECT_DIR / "compose.yaml").read_text())["services"]
+    published = {name: port for name, service in services.items() for port in service.get("ports", [])}
+    assert "airflow-apiserver" in published and "mlflow" in published
+    for name, port in published.items():
+        assert port.startswith(("127.0.0.1:", "${AIRFLOW_BIND:-127.0.0.1}:")), (name, port)
+
+
+def test_no_secret_has_a_default():
+    """Every password, key and secret comes from the .env (ci/make-env.sh), or compose refuses to start."""
+    text = (PROJECT_DIR / "compose.yaml").read_text()
+    # Compose's own interpolations ($${...} is the container shell's variable).
+    secrets = re.findall(r"(?<!\$)\$\{([A-Z_]*(?:PASSWORD|SECRET|FERNET_KEY)[A-Z_]*)(:?[-?=+]?)([^}]*)\}", text)
+    assert len({name for name, _, _ in secrets}) >= 6, secrets
+    for name, operator, _ in secrets:
+        assert operator == ":?", f"{name} has a default or may be empty in compose.yaml"
+
+
+def test_metrics_token_reaches_only_the_api_server_and_prometheus():
+    """The bearer token of /admin/metrics/ (docs/airflow.md, Security): a compose secret from the file
+    ci/make-env.sh writes, in the api-server (HELIXFLOW_METRICS_TOKEN_FILE) and in Prometheus at the
+    path monitoring/prometheus.yml reads it from."""
+    compose = yaml.safe_load((PROJECT_DIR / "compose.yaml").read_text())
+    services = compose["services"]
+    assert compose["secrets"] == {"airflow-metrics-token": {"file": "./secrets/airflow-metrics-token"}}
+    api = services["airflow-apiserver"]
+    assert api["secrets"] == ["airflow-metrics-token"]
+    assert api["environment"]["HELIXFLOW_METRICS_TOKEN_FILE"] == "/run/secrets/airflow-metrics-token"
+    # Otherwise the api-server has the environment of the other Airflow services.
+    assert {k: v for k, v in api["environment"].items() if k != "HELIXFLOW_METRICS_TOKEN_FILE"} == \
+        services["airflow-scheduler"]["environment"]
+    scrape_jobs = yaml.safe_load((PROJECT_DIR / "monitoring" / "prometheus.yml").read_text())["scrape_configs"]
+    (airflow_job,) = [job for job in scrape_jobs if job["job_name"] == "airflow"]
+    assert services["prometheus"]["secrets"] == [
+        {"source": "airflow-metrics-token", "target": airflow_job["authorization"]["credentials_file"]}]
+    assert {name for name, service in services.items() if "secrets" in service} == {"airflow-apiserver", "prometheus"}
+    assert [name for name, service in services.items()
+            if "HELIXFLOW_METRICS_TOKEN_FILE" in service.get("environment", {})] == ["airflow-apiserver"]
+    # Never committed, never sent to an image build.
+    assert "/secrets/" in (PROJECT_DIR / ".gitignore").read_text().splitlines()
+    assert "secrets" in (PROJECT_DIR / ".dockerignore").read_text().splitlines()
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_make_env_writes_a_metrics_token_both_containers_can_read_and_rotates_it_in_place(tmp_path):
+    """The folder 0700 (no other host user gets in), the file 0644 (compose binds it with this mode into
+    the api-server, AIRFLOW_UID:0, and Prometheus, nobody); --metrics-token rewrites the same inode,
+    which a running container's bind mount keeps showing."""
+    clone = tmp_path / "clone"
+    (clone / "ci").mkdir(parents=True)
+    shutil.copy2(PROJECT_DIR / "ci" / "make-env.sh", clone / "ci")
+    script = clone / "ci" / "make-env.sh"
+    env = {key: value for key, value in os.environ.items() if key != "DOCKER_HOST"}
+    subprocess.run([script, tmp_path / "data", tmp_path / "results"], env=env, check=True, capture_output=True)
+    folder, token = clone / "secrets", clone / "secrets" / "airflow-metrics-token"
+    assert (mode(folder), mode(token), mode(clone / ".env")) == (0o700, 0o644, 0o600)
+    first, inode = token.read_text(), token.stat().st_ino
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}\n", first)
+    assert first.strip() not in (clone / ".env").read_text()
+
+    subprocess.run([script, "--metrics-token"], env=env, check=True, capture_output=True)
+    assert token.read_text() != first and re.fullmatch(r"[A-Za-z0-9_-]{43}\n", token.read_text())
+    assert (token.stat().st_ino, mode(token)) == (inode, 0o644)
+
+    again = subprocess.run([script], env=env, capture_output=True, text=True)
+    assert again.returncode == 1 and "--metrics-token" in again.stderr

@@ -3,21 +3,26 @@
 A real Prometheus (the project's config and rules), Pushgateway and node-exporter; a workflow run
 on the .test data and one successful and one failed ``airflow dags test helixflow`` run (local
 execution) pushing their step metrics; a real Airflow api-server serving airflow-exporter and
-airflow/plugins/helixflow_metrics.py, scraped by that Prometheus. Then: the counts Prometheus holds
-equal Airflow's REST API, the failed-run alert fires, and every dashboard panel's PromQL returns
-data (pictures in docs/images/monitoring/). Needs .venv-airflow (`make airflow-venv`) and Debian's
-prometheus, prometheus-pushgateway and prometheus-node-exporter.
+airflow/plugins/helixflow_metrics.py behind the bearer token of helixflow_metrics_auth.py, scraped
+by that Prometheus with the token file. Then: the metrics answer only with the token, the counts
+Prometheus holds equal Airflow's REST API, the failed-run alert fires, and every dashboard panel's
+PromQL returns data (pictures in docs/images/monitoring/). Needs .venv-airflow (`make airflow-venv`)
+and Debian's prometheus, prometheus-pushgateway and prometheus-node-exporter.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,11 +30,13 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import yaml
 
-from airflow_helpers import AIRFLOW_VENV, ApiServer, api_server, dags_test, init_db, local_env, require_airflow
+from airflow_helpers import (AIRFLOW, AIRFLOW_VENV, ApiServer, api_server, dags_test, init_db, local_env,
+                             require_airflow, wait_for_health)
 from conftest import PROJECT_DIR, require_service
 from helixflow.demo_data import make_demo_dataset
-from prometheus_stack import PrometheusStack
+from prometheus_stack import PrometheusStack, api_get, credentials_file, free_port, stop_process_group
 from render_panels import dashboard_targets, file_name, render_panels
 
 pytestmark = pytest.mark.slow
@@ -72,7 +79,8 @@ def run_dag(env: dict, conf: dict) -> subprocess.CompletedProcess:
 
 
 @contextlib.contextmanager
-def start_airflow_runs(tmp_dir: Path, pushgateway_url: str | None = None) -> Iterator[AirflowRuns]:
+def start_airflow_runs(tmp_dir: Path, pushgateway_url: str | None = None,
+                       metrics_token_file: Path | None = None) -> Iterator[AirflowRuns]:
     """Run the helixflow DAG twice (success, failure) in local mode, then serve the database.
 
     Parameters
@@ -81,6 +89,9 @@ def start_airflow_runs(tmp_dir: Path, pushgateway_url: str | None = None) -> Ite
         An empty folder for the Airflow home, data and results.
     pushgateway_url : str, optional
         HELIXFLOW_PUSHGATEWAY for the runs (the stages push their step metrics there); unset: none.
+    metrics_token_file : Path, optional
+        HELIXFLOW_METRICS_TOKEN_FILE of the api-server (the bearer token of ``/admin/metrics/``);
+        unset: the api-server refuses its metrics.
 
     Yields
     ------
@@ -101,6 +112,9 @@ def start_airflow_runs(tmp_dir: Path, pushgateway_url: str | None = None) -> Ite
     good = run_dag(env, GOOD_CONF)
     assert good.returncode == 0, (good.stdout + good.stderr)[-6000:]
     run_dag(env, BAD_CONF)  # fails; its state is checked over the REST API
+    env.pop("HELIXFLOW_METRICS_TOKEN_FILE", None)
+    if metrics_token_file:
+        env["HELIXFLOW_METRICS_TOKEN_FILE"] = str(metrics_token_file)
     log = tmp_dir / "api-server.log"
     with api_server(env, log) as server:
         yield AirflowRuns(server, {"home": home, "data": data, "results": results, "log": log}, env)
@@ -138,26 +152,38 @@ class Monitored:
     airflow: AirflowRuns
     started: float
     ended: float
+    token_file: Path
+
+
+def write_token_file(folder: Path) -> Path:
+    """A fresh metrics token laid out as ci/make-env.sh does: the folder 0700, the file 0644."""
+    folder.mkdir(mode=0o700)
+    token_file = folder / "airflow-metrics-token"
+    token_file.write_text(secrets.token_urlsafe(32) + "\n")
+    token_file.chmod(0o644)
+    return token_file
 
 
 @pytest.fixture(scope="module")
 def monitored(tmp_path_factory) -> Iterator[Monitored]:
     """Prometheus, Pushgateway and node-exporter; two Airflow DAG runs and a workflow run on .test data
-    pushing to them; the Airflow api-server added as a scrape target."""
+    pushing to them; the Airflow api-server (metrics behind a bearer token) added as a scrape target,
+    Prometheus given the same token file as compose gives it."""
     require_service("prometheus", "the monitoring test evaluates the dashboards against a real Prometheus")
     require_service("prometheus-pushgateway", "the workflow steps push their metrics to a Pushgateway")
     require_service("prometheus-node-exporter", "the dashboards' node panels")
     root = tmp_path_factory.mktemp("monitoring")
     (root / "prometheus").mkdir()
-    with PrometheusStack(root / "prometheus") as stack:
+    token_file = write_token_file(root / "secrets")
+    with PrometheusStack(root / "prometheus", secrets={credentials_file("airflow"): token_file}) as stack:
         started = time.time()
         run_test_workflow(root / "test-run", stack.pushgateway_url)
-        with start_airflow_runs(root / "airflow", stack.pushgateway_url) as airflow:
+        with start_airflow_runs(root / "airflow", stack.pushgateway_url, token_file) as airflow:
             stack.add_target("airflow", airflow.base_url.removeprefix("http://"))
             stack.wait_for('airflow_task_status{dag_id="helixflow"}', timeout=120)
             stack.wait_for('helixflow_workflow_success{run="test"}')
             time.sleep(5)  # a few more scrapes and rule evaluations
-            yield Monitored(stack, airflow, started, time.time())
+            yield Monitored(stack, airflow, started, time.time(), token_file)
 
 
 def run_test_workflow(folder: Path, pushgateway: str) -> None:
@@ -223,3 +249,147 @@ def test_every_dashboard_panel_returns_data_and_is_pictured(monitored):
     for title, _, _ in rendered:
         if title not in unavailable:
             assert f"images/monitoring/{file_name(title)}" in guide, title
+
+
+# ---- /admin/metrics/ behind the bearer token (airflow/plugins/helixflow_metrics_auth.py) ----
+
+def fetch(url: str, token: str | None = None, headers: dict | None = None) -> tuple[int, dict, str]:
+    """GET `url` (with ``Authorization: Bearer <token>`` when given): status, headers and body, errors included."""
+    headers = dict(headers or {}) | ({"Authorization": f"Bearer {token}"} if token is not None else {})
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
+            return response.status, response.headers, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read().decode()
+
+
+def airflow_target(stack: PrometheusStack) -> dict:
+    """Prometheus's view of its scrape target of job airflow (health, lastScrape, lastError, scrapeUrl)."""
+    (target,) = [t for t in api_get(stack.url, "/api/v1/targets")["activeTargets"] if t["labels"]["job"] == "airflow"]
+    return target
+
+
+def wait_for_scrape(stack: PrometheusStack, after: float, health: str, timeout: float = 30) -> dict:
+    """Wait until Prometheus has scraped job airflow after `after` (Unix time) with `health`; its target."""
+    deadline = time.monotonic() + timeout
+    while True:
+        target = airflow_target(stack)
+        if datetime.fromisoformat(target["lastScrape"]).timestamp() > after and target["health"] == health:
+            return target
+        assert time.monotonic() < deadline, target
+        time.sleep(0.25)
+
+
+@contextlib.contextmanager
+def bare_api_server(env: dict, log_path: Path, base_path: str) -> Iterator[str]:
+    """A real api-server whose ``[api] base_url`` ends in `base_path`, without Airflow's all-admins mode.
+
+    ``airflow_helpers.api_server`` runs in that mode, where Airflow's own middleware adds an
+    ``Authorization`` header (an admin JWT) to every request; here a request reaches the metrics
+    guard with only the headers it was sent with. Yields the base URL.
+    """
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}{base_path}"
+    env = {**env, "AIRFLOW__API__BASE_URL": base_url}
+    env.pop("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", None)
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([AIRFLOW, "api-server", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_health(base_url, server, log_path)
+            yield base_url
+        finally:
+            stop_process_group(server)
+
+
+def test_metrics_answer_only_with_the_bearer_token(monitored):
+    base, token = monitored.airflow.base_url, monitored.token_file.read_text().strip()
+    # The last path is /admin/metrics/ percent-encoded: the server decodes it before routing.
+    for path in ("/admin/metrics/", "/admin/metrics", "/admin/%6Detrics/"):
+        # This server runs in all-admins mode: Airflow adds its admin JWT to every request, so "no
+        # token" reaches the guard as a wrong one (bare_api_server's test sends none at all).
+        for wrong in (None, "not-the-token", token[:-1], monitored.airflow.server.token):
+            status, headers, body = fetch(base + path, wrong)
+            assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer "), (path, wrong)
+            assert "airflow_task_status" not in body
+        status, _, body = fetch(base + path, token)
+        assert status == 200, path
+        assert "airflow_task_status{" in body and "helixflow_airflow_dag_run_duration_seconds_count{" in body
+    assert fetch(base + "/admin/metrics/", headers={"Authorization": f"Basic {token}"})[0] == 401
+    assert fetch(base + "/admin/metrics/", headers={"Authorization": f"bearer {token}"})[0] == 200
+    # The rest of the api-server is as before: health without credentials, the REST API with Airflow's token.
+    assert fetch(base + "/api/v2/monitor/health")[0] == 200
+    assert monitored.airflow.get("/api/v2/dags/helixflow")["dag_id"] == "helixflow"
+
+
+def test_prometheus_scrapes_the_metrics_with_the_token_file(monitored):
+    target = airflow_target(monitored.stack)
+    assert target["health"] == "up" and target["lastError"] == "", target
+    assert target["scrapeUrl"] == f"{monitored.airflow.base_url}/admin/metrics/"
+    assert [float(s["value"][1]) for s in monitored.stack.query('up{job="airflow"}')] == [1.0]
+    jobs = yaml.safe_load(monitored.stack.config.read_text())["scrape_configs"]
+    (job,) = [job for job in jobs if job["job_name"] == "airflow"]
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": str(monitored.token_file)}
+
+
+def test_metrics_under_a_base_url_path_need_the_token_too(monitored, tmp_path):
+    """With ``[api] base_url`` ending in /airflow the metrics are served under /airflow/admin/metrics/;
+    the top-level router also matches the exporter's mount for /admin/metrics/: both are guarded."""
+    token = monitored.token_file.read_text().strip()
+    env = {**monitored.airflow.env, "HELIXFLOW_METRICS_TOKEN_FILE": str(monitored.token_file)}
+    with bare_api_server(env, tmp_path / "api-server.log", "/airflow") as base_url:
+        origin = base_url.removesuffix("/airflow")
+        served = (f"{base_url}/admin/metrics/", f"{base_url}/admin/metrics")
+        for url in (*served, f"{origin}/admin/metrics/"):
+            status, headers, _ = fetch(url)
+            assert (status, headers["WWW-Authenticate"]) == (401, 'Bearer realm="helixflow metrics"'), url
+            status, headers, _ = fetch(url, "not-the-token")
+            assert status == 401 and 'error="invalid_token"' in headers["WWW-Authenticate"], url
+        for url in served:
+            status, _, body = fetch(url, token)
+            assert status == 200 and "airflow_task_status{" in body, url
+
+
+def test_metrics_are_refused_without_the_token_file_setting(monitored, tmp_path):
+    """HELIXFLOW_METRICS_TOKEN_FILE unset: 403 to everyone (no token could help), and the log says why."""
+    env = dict(monitored.airflow.env)
+    env.pop("HELIXFLOW_METRICS_TOKEN_FILE", None)
+    log = tmp_path / "api-server.log"
+    with bare_api_server(env, log, "") as base_url:
+        for token in (None, monitored.token_file.read_text().strip()):
+            status, headers, body = fetch(base_url + "/admin/metrics/", token)
+            assert status == 403 and "WWW-Authenticate" not in headers and "airflow_task_status" not in body
+        assert fetch(base_url + "/api/v2/monitor/health")[0] == 200
+    assert "HELIXFLOW_METRICS_TOKEN_FILE is not set: /admin/metrics answers 403 to every request" in log.read_text()
+
+
+def wait_for_log(path: Path, text: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        assert time.monotonic() < deadline, f"{text!r} not in {path}"
+        time.sleep(0.2)
+
+
+def test_rotated_token_needs_no_restart_and_an_unreadable_file_is_refused(monitored):
+    """Last in this module: it changes the token file that the api-server and Prometheus share."""
+    url, log = f"{monitored.airflow.base_url}/admin/metrics/", monitored.airflow.paths["log"]
+    old, new = monitored.token_file.read_text().strip(), secrets.token_urlsafe(32)
+    inode = monitored.token_file.stat().st_ino
+    rotated = time.time()
+    monitored.token_file.write_text(new + "\n")  # in place, as ci/make-env.sh --metrics-token does
+    assert monitored.token_file.stat().st_ino == inode
+    assert fetch(url, old)[0] == 401 and fetch(url, new)[0] == 200
+    # Prometheus re-reads its credentials file at every scrape: still up, with the new token.
+    wait_for_scrape(monitored.stack, rotated, "up")
+
+    away = monitored.token_file.with_name("moved-away")
+    os.rename(monitored.token_file, away)
+    try:
+        status, _, body = fetch(url, new)
+        assert status == 403 and "no usable metrics token" in body
+        wait_for_log(log, f"cannot read the metrics token file {monitored.token_file} (HELIXFLOW_METRICS_TOKEN_FILE)")
+    finally:
+        os.rename(away, monitored.token_file)
+    assert fetch(url, new)[0] == 200
+    wait_for_log(log, f"metrics token file {monitored.token_file} is readable again")
+    wait_for_scrape(monitored.stack, time.time(), "up")

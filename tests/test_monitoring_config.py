@@ -19,12 +19,13 @@ from jsonschema import Draft202012Validator
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
 
 from conftest import PROJECT_DIR, require_service
-from prometheus_stack import PrometheusStack
+from prometheus_stack import PrometheusStack, credentials_file, local_config
 from render_panels import dashboard_targets, file_name, render_panels
 
 MONITORING = PROJECT_DIR / "monitoring"
 GRAFANA = MONITORING / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
+AIRFLOW_TOKEN = "/etc/prometheus/secrets/airflow-metrics-token"  # where compose.yaml mounts it
 CONTRACT_JOBS = {"prometheus": "localhost:9090", "pushgateway": "pushgateway:9091",
                  "airflow": "airflow-apiserver:8080", "node": "node-exporter:9100",
                  "cadvisor": "cadvisor:8080", "dcgm": "dcgm-exporter:9400"}
@@ -53,8 +54,20 @@ def provisioned_uid() -> str:
 # Prometheus
 
 
-def test_prometheus_config_and_its_rules_pass_promtool():
-    done = promtool("check", "config", "prometheus.yml")
+def test_prometheus_config_and_its_rules_pass_promtool(tmp_path):
+    # The committed file names the token at its container path, which only --syntax-only accepts here.
+    done = promtool("check", "config", "--syntax-only", "prometheus.yml")
+    assert done.returncode == 0, done.stdout + done.stderr
+    # The full check (rule files, the credentials file exists) on a copy that points at a local token.
+    token = tmp_path / "airflow-metrics-token"
+    token.write_text("token\n")
+    config = load_yaml(MONITORING / "prometheus.yml")
+    config["rule_files"] = [str(MONITORING / pattern) for pattern in config["rule_files"]]
+    for job in config["scrape_configs"]:
+        if "authorization" in job:
+            job["authorization"]["credentials_file"] = str(token)
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    done = promtool("check", "config", str(tmp_path / "prometheus.yml"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 rule files found" in done.stdout
 
@@ -76,6 +89,10 @@ def test_scrape_jobs_are_the_contract():
         {name: [target] for name, target in CONTRACT_JOBS.items()}
     assert jobs["pushgateway"]["honor_labels"] is True
     assert jobs["airflow"]["metrics_path"] == "/admin/metrics/"
+    # The api-server's metrics need the bearer token (airflow/plugins/helixflow_metrics_auth.py).
+    assert jobs["airflow"]["authorization"] == {"type": "Bearer", "credentials_file": AIRFLOW_TOKEN}
+    assert credentials_file("airflow") == AIRFLOW_TOKEN
+    assert [name for name, job in jobs.items() if "authorization" in job or "basic_auth" in job] == ["airflow"]
     assert config["global"]["scrape_interval"] == "15s"
     assert config["rule_files"] == ["rules/*.yml"]
 
@@ -164,6 +181,18 @@ def test_dashboard_json_is_what_dashboards_py_generates():
 
 
 # A real Prometheus with the project's config and rules
+
+
+def test_local_config_swaps_credentials_files_and_refuses_a_missing_one(tmp_path):
+    """tests/prometheus_stack.py never lets a kept job scrape without the credentials the config names."""
+    targets = {"airflow": "127.0.0.1:8080", "node": "127.0.0.1:9100"}
+    with pytest.raises(KeyError, match=AIRFLOW_TOKEN):
+        local_config(targets, MONITORING)
+    config = local_config(targets, MONITORING, {AIRFLOW_TOKEN: tmp_path / "token"})
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["airflow"]["authorization"] == {"type": "Bearer", "credentials_file": str(tmp_path / "token")}
+    assert "authorization" not in jobs["node"]
+    assert local_config({"node": "127.0.0.1:9100"}, MONITORING)["scrape_configs"][0]["job_name"] == "node"
 
 
 def push_step(gateway: str, run: str, started: float) -> None:

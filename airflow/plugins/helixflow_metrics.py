@@ -9,6 +9,7 @@ read from the metadata database at every scrape (nothing is lost when a task pro
 ``helixflow_airflow_dag_run_last_duration_seconds{dag_id,state}``  the most recently finished run
 
 ``state`` is ``success`` or ``failed``. Names are fixed by the monitoring contract (docs/airflow.md).
+The endpoint answers only with the bearer token that helixflow_metrics_auth.py (next to this file) checks.
 """
 
 from __future__ import annotations
