@@ -50,6 +50,7 @@ def test_compose_keeps_the_docker_socket_in_the_guard():
         if name not in ("airflow-init", "helixflow-image"):  # one-shot services
             assert "healthcheck" in service, name
     assert compose["networks"]["docker-api"]["internal"] is True
+    assert compose["networks"]["metrics"]["internal"] is True  # the stages' network: no egress
     ignored = (PROJECT_DIR / ".gitignore").read_text().splitlines()
     assert ".env" in ignored and (PROJECT_DIR / ".env.example").is_file()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -292,6 +293,72 @@ def test_prometheus_holds_task_successes_and_step_metrics(stack):
     targets = {t["labels"]["job"]: t["health"] for t in
                json.load(urllib.request.urlopen(f"{url}/api/v1/targets", timeout=30))["data"]["activeTargets"]}
     assert targets["airflow"] == "up" and targets["pushgateway"] == "up" and targets["node"] == "up", targets
+
+
+def wait_until(condition, what: str, timeout: float = RUN_TIMEOUT_S, every: float = 0.5):
+    """Poll ``condition()`` until it returns something true; that value."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(every)
+    return value
+
+
+def test_a_fine_tune_marked_failed_stops_at_once_and_its_rerun_resumes_from_the_checkpoint(stack, rest):
+    """Mark the running finetune task failed through the REST API: its container stops within seconds
+    (on_kill; tini hands SIGTERM to helixflow); cleared, the task runs again from the last checkpoint.
+
+    The UI run's fine-tune is done again: its model and training log removed, only the finetune
+    stage selected (the stack's tiny profile checkpoints every 10 of its 60 optimizer steps).
+    """
+    out = stack.results / "from-ui" / "finetune"
+    shutil.rmtree(out / "model")
+    (out / "training_log.tsv").unlink()
+    rest.call(f"/api/v2/dags/{DAG}", method="PATCH", body={"is_paused": False})
+    conf = {"input": "test.h5ad", "run_name": "from-ui", "chunk_size": 200, "stages": ["finetune"]}
+    run_id = rest.call(f"/api/v2/dags/{DAG}/dagRuns", method="POST", body={"logical_date": None, "conf": conf})["dag_run_id"]
+    wait_until(lambda: (out / "checkpoints" / "latest").is_file(), "fine-tuning checkpoint")
+    running = ["ps", "-q", "--filter", f"label=helixflow.dag={DAG}", "--filter", "label=helixflow.stage=finetune"]
+    assert stack.podman.cli(*running, check=True).stdout.strip()
+    task = f"/api/v2/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances/finetune"
+    marked = time.monotonic()
+    rest.call(task, method="PATCH", body={"new_state": "failed"})
+    wait_until(lambda: not stack.podman.cli(*running, check=True).stdout.strip(), "stop of the finetune container",
+               timeout=300)
+    took = time.monotonic() - marked
+    print(f"finetune container gone {took:.0f} s after the task was marked failed", file=sys.stderr)
+    assert took < 60
+    assert (out / "checkpoints" / "latest").is_file() and not (out / "model").exists()
+
+    rest.call(f"/api/v2/dags/{DAG}/clearTaskInstances", method="POST",
+              body={"dry_run": False, "dag_run_id": run_id, "task_ids": ["finetune"], "only_failed": True})
+    state = wait_until(lambda: {"success", "failed"} & {rest.tasks(run_id)["finetune"]}, "finetune rerun", every=3)
+    log = rest.task_log(run_id, "finetune", try_number=2)
+    assert state == {"success"} and "--until finetune" in log, log[-4000:]
+    # The step's own log (the rule's log file, not the task log, which has snakemake's lines).
+    assert "helixflow: resumed at optimizer step" in (out.parent / "logs" / "finetune.log").read_text()
+    assert (out / "model" / "config.json").is_file() and not (out / "checkpoints").exists()
+    rest.call(f"/api/v2/dags/{DAG}", method="PATCH", body={"is_paused": True})
+
+
+EGRESS_PROBE = """
+import urllib.request
+print(urllib.request.urlopen("http://pushgateway:9091/-/healthy", timeout=30).status)
+try:
+    urllib.request.urlopen("https://pypi.org/simple/", timeout=30)
+    print("egress")
+except OSError as error:
+    print("no egress:", error)
+"""
+
+
+def test_the_stages_network_reaches_the_pushgateway_and_nothing_outside(stack):
+    network = stack.settings.get("HELIXFLOW_STAGE_NETWORK", "helixflow-metrics")
+    assert json.loads(stack.podman.cli("network", "inspect", network, check=True).stdout)[0]["internal"] is True
+    image = stack.settings.get("HELIXFLOW_IMAGE", "helixflow:0.1.0")
+    probe = stack.podman.cli("run", "--rm", "--network", network, "--entrypoint", "python", image, "-c", EGRESS_PROBE,
+                             check=True)
+    assert probe.stdout.split("\n")[0] == "200" and "no egress:" in probe.stdout, probe.stdout
 
 
 # Container creates that would own the host, each refused by the guard (docs/airflow.md, Security).
