@@ -15,7 +15,7 @@ code.
     nice python bench/memory.py                      # 1M and 10M cells; rewrites docs/benchmarks.md's section
     python bench/memory.py --sizes 20000 200000      # what tests/test_memory.py checks
 
-Ten million cells need about 12 GB of disk under --workdir; preparing them takes minutes,
+Ten million cells need about 17 GB of disk under --workdir; preparing them takes minutes,
 measuring hours (annotate runs the model over every cell, evaluate over every validation cell).
 """
 
