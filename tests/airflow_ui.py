@@ -147,13 +147,18 @@ def task_log(page: Page, base_url: str, dag_id: str, run_id: str, task_id: str, 
     """The task instance's log as the UI shows it, once `expect` is in sight; the page's text.
 
     The log view renders only the lines in sight (a virtual list, scrolled to the end of a long
-    log), so it is scrolled from its start down, half a screen at a time, until `expect` shows.
+    log), so it is scrolled from its start down, half a screen at a time, until `expect` shows;
+    at the end it starts again from the top, as the log may still be arriving (a loaded machine).
     """
     page.goto(f"{base_url}/dags/{dag_id}/runs/{run_id}/tasks/{task_id}")
     page.get_by_text(LOG_LINE).first.wait_for()
     found = page.get_by_text(expect).first
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
     page.evaluate(SCROLL_JS, "top")
     while not found.is_visible():
-        assert page.evaluate(SCROLL_JS, "down"), f"{expect!r} is not in the UI's log of {task_id} in {run_id}"
+        assert time.monotonic() < deadline, f"{expect!r} is not in the UI's log of {task_id} in {run_id}"
+        if not page.evaluate(SCROLL_JS, "down"):
+            page.wait_for_timeout(1000)
+            page.evaluate(SCROLL_JS, "top")
         page.wait_for_timeout(200)
     return page.locator("body").inner_text()
