@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_helpers import AIRFLOW, AIRFLOW_VENV, airflow_cli, init_db, local_env, require_airflow
+from airflow_helpers import AIRFLOW, AIRFLOW_VENV, init_db, local_env, require_airflow
 from conftest import PROJECT_DIR
 
 sys.path.insert(0, str(PROJECT_DIR / "airflow" / "dags"))

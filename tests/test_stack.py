@@ -70,13 +70,11 @@ class Rest:
 
     def wait_for_run(self, match, what: str) -> dict:
         """Poll until the first run with ``match(run)`` has finished; that run."""
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while True:
+        def finished() -> dict | None:
             found = [r for r in self.runs() if match(r)]
-            if found and found[0]["state"] in ("success", "failed"):
-                return found[0]
-            assert time.monotonic() < deadline, f"{what}: no finished run after {RUN_TIMEOUT_S} s: {found}"
-            time.sleep(3)
+            return found[0] if found and found[0]["state"] in ("success", "failed") else None
+
+        return wait_until(finished, f"finished {what}", every=3)
 
     def task_log(self, run_id: str, task_id: str, try_number: int = 1) -> str:
         """A task instance's log as text (the REST API's structured log events, one per line)."""
