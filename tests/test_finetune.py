@@ -25,13 +25,13 @@ from helixflow.classifier import FineTunedModel, build_classifier, predict_proba
 from helixflow.demo_data import make_demo_dataset
 from helixflow.embedding import embed_chunk, gather_embeddings
 from helixflow.errors import HelixflowError
-from helixflow.evaluate import OUTPUT_FILES, classification_metrics, evaluate
+from helixflow.evaluate import OUTPUT_FILES, classification_metrics, confusion_counts, evaluate
 from helixflow.finetune import finetune
 from helixflow.h5ad import chunk_bounds
 from helixflow.label_split import VALIDATION, read_label_split, write_label_split
 from helixflow.profiles import load_profile
 from helixflow.split import split_chunk
-from helixflow.token_batches import LabelledCells, TokenStore, pad_batch
+from helixflow.token_batches import EpochBatches, LabelledCells, TokenStore, pad_batch
 from helixflow.tokenization import tokenize_chunk
 
 N_CELLS = 240  # shallow cells (about 200 genes each) keep training steps fast
@@ -133,7 +133,7 @@ def test_reloaded_model_predicts_what_the_trained_engine_did(labelled, tiny_v1, 
     """ZeRO-3 partitions the weights: saving must gather them, and reloading must give the same predictions."""
     split = read_label_split(labelled.split)
     labels = sorted(split["label"].unique())
-    cells = LabelledCells(split[split["split"] == "train"], labels, TokenStore(labelled.tokens))
+    cells = LabelledCells.from_split(split[split["split"] == "train"], labels, TokenStore(labelled.tokens))
     train = user_profile(tmp_path, "reload", zero_stage=3, offload_params="cpu", offload_optimizer="cpu")["train"]
     model = build_classifier(tiny_v1, labels, frozen_layers=1, seed=0)
     config = model.config
@@ -142,7 +142,7 @@ def test_reloaded_model_predicts_what_the_trained_engine_did(labelled, tiny_v1, 
         batch = np.arange(step * 8, step * 8 + 8)
         ids, attention = pad_batch(cells.fetch(batch))
         loss = torch.nn.functional.cross_entropy(engine(input_ids=ids, attention_mask=attention).logits,
-                                                 torch.from_numpy(cells.targets[batch]))
+                                                 torch.from_numpy(cells.targets[batch].astype(np.int64)))
         engine.backward(loss)
         engine.step()
     engine.eval()
@@ -207,6 +207,12 @@ def test_evaluate_scores_model_and_linear_probe(labelled, zero2_model, tiny_v1, 
         assert set(scores["per_class"]) == set(metrics["classes"])
     # The same validation cells as in training: the same accuracy as the training log's last.
     assert metrics["fine_tuned"]["accuracy"] == pytest.approx(zero2_model.summary["validation_accuracy"], abs=0.03)
+    # The per-cell table, in the split's order, gives the same scores (counted block by block by evaluate).
+    predictions = pd.read_csv(tmp_path / "evaluate" / "predictions.tsv", sep="\t")
+    split = read_label_split(labelled.split)
+    assert predictions["cell_index"].tolist() == split.loc[split["split"] == "validation", "cell_index"].tolist()
+    for column, scores in (("fine_tuned", metrics["fine_tuned"]), ("linear_probe", metrics["linear_probe"])):
+        assert (predictions[column] == predictions["true"]).mean() == pytest.approx(scores["accuracy"])
 
 
 def test_annotate_predicts_every_cell(labelled, zero2_model, tmp_path):
@@ -222,11 +228,44 @@ def test_annotate_predicts_every_cell(labelled, zero2_model, tmp_path):
 
 
 def test_classification_metrics_on_a_known_case():
-    metrics = classification_metrics(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), ["a", "b", "c"])  # class codes
+    confusion = confusion_counts(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), 3)  # class codes
+    metrics = classification_metrics(confusion, ["a", "b", "c"])
     assert metrics["accuracy"] == 0.75
     assert metrics["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
     assert metrics["per_class"]["b"]["precision"] == pytest.approx(2 / 3) and metrics["per_class"]["c"]["support"] == 0
     assert metrics["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 0) / 3)
+
+
+def test_metrics_from_confusion_blocks_equal_scikit_learn_on_all_cells():
+    """Evaluate adds up a confusion matrix block by block; its metrics must be scikit-learn's on every cell."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+    rng = np.random.default_rng(7)
+    truth, predicted = rng.integers(0, 5, 10_001), rng.integers(0, 6, 10_001) % 5  # class 4 rarely predicted
+    predicted[truth == 3] = 3  # one class always right
+    labels = list("abcdef")  # "f" has no cells at all
+    confusion = sum(confusion_counts(truth[block], predicted[block], len(labels)) for block in np.array_split(np.arange(10_001), 7))
+    metrics = classification_metrics(confusion, labels)
+    codes = list(range(len(labels)))
+    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=codes, zero_division=0)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(truth, predicted))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(truth, predicted, labels=codes, average="macro", zero_division=0))
+    for label, p, r, f, n in zip(labels, precision, recall, f1, support):
+        assert metrics["per_class"][label] == {"precision": pytest.approx(p), "recall": pytest.approx(r),
+                                               "f1": pytest.approx(f), "support": n}
+
+
+def test_epoch_batches_cover_every_cell_once_in_the_same_order_each_time():
+    lengths = np.random.default_rng(1).integers(1, 300, 2_345).astype(np.int32)
+    batches = EpochBatches(lengths, 16, seed=3, epoch=2)
+    cells = np.concatenate([batches[i] for i in range(len(batches))])
+    assert len(batches) == -(-2_345 // 16) and np.array_equal(np.sort(cells), np.arange(2_345))
+    again = EpochBatches(lengths, 16, seed=3, epoch=2)
+    assert all(np.array_equal(batches[i], again[i]) for i in range(len(batches)))
+    assert not np.array_equal(batches[0], EpochBatches(lengths, 16, seed=3, epoch=3)[0])
+    # Within a window of batches, cells are sorted by length: the spread inside a batch stays small.
+    spread = np.median([np.ptp(lengths[batches[i]]) for i in range(len(batches))])
+    assert spread < np.ptp(lengths) / 10
 
 
 @pytest.mark.parametrize(("train", "precision", "device", "expected"), [

@@ -28,28 +28,40 @@ from helixflow.errors import HelixflowError
 from helixflow.h5ad import read_rows
 from helixflow.label_split import TRAIN, VALIDATION, draw_uniform, iter_label_split
 from helixflow.outputs import atomic_path
-from helixflow.token_batches import LabelledCells, TokenStore
+from helixflow.token_batches import LabelledCells, TokenStore, scoring_blocks
 from helixflow.tracking import tracked_run
 
 PROBE_MAX_TRAIN_CELLS = 50_000  # the probe's training cells are subsampled beyond this
-EVALUATE_BLOCK_CELLS = 20_000  # validation cells scored at once
 OUTPUT_FILES = ("metrics.json", "summary.tsv", "per_class.tsv", "predictions.tsv", "confusion_matrix.png", "training_curve.png")
 
 
-def classification_metrics(truth: np.ndarray, predicted: np.ndarray, labels: list[str]) -> dict:
-    """Accuracy, macro-F1 and per-class precision, recall, F1 and support.
+def confusion_counts(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """Cells per (true class, predicted class): an ``(n_classes, n_classes)`` int64 matrix of class codes."""
+    pairs = truth.astype(np.int64) * n_classes + predicted.astype(np.int64)
+    return np.bincount(pairs, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
-    ``truth`` and ``predicted`` are class codes (positions in ``labels``).
+
+def classification_metrics(confusion: np.ndarray, labels: list[str]) -> dict:
+    """Accuracy, macro-F1 and per-class precision, recall, F1 and support, from a confusion matrix.
+
+    ``confusion[i, j]`` counts cells of class ``labels[i]`` predicted as ``labels[j]``; blocks of
+    cells add up, so every validation cell is scored without keeping per-cell results. A ratio
+    with nothing to divide by is 0 (scikit-learn's ``zero_division=0``), and the macro average
+    runs over every class.
     """
-    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+    hits = np.diag(confusion).astype(np.float64)
+    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
 
-    codes = list(range(len(labels)))
-    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=codes, zero_division=0)
+    def ratio(numerator, denominator):
+        return np.divide(numerator, denominator, out=np.zeros(len(labels)), where=denominator > 0)
+
+    precision, recall = ratio(hits, predicted), ratio(hits, support)
+    f1 = ratio(2 * hits, support + predicted)  # 2 tp / (2 tp + fp + fn)
     return {
-        "accuracy": float(accuracy_score(truth, predicted)),
-        "macro_f1": float(f1_score(truth, predicted, labels=codes, average="macro", zero_division=0)),
-        "per_class": {label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                      for label, p, r, f, s in zip(labels, precision, recall, f1, support)},
+        "accuracy": float(hits.sum() / max(1, confusion.sum())),
+        "macro_f1": float(f1.mean()),
+        "per_class": {label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+                      for label, p, r, f, n in zip(labels, precision, recall, f1, support)},
     }
 
 
@@ -91,14 +103,13 @@ def fit_linear_probe(embeddings_path: str | Path, split_path: str | Path, labels
     return probe, len(train_x)
 
 
-def plot_confusion_matrices(truth: np.ndarray, predictions: dict[str, np.ndarray], scores: dict[str, dict],
-                            labels: list[str], out: str | Path) -> None:
-    """Row-normalised confusion matrices side by side, one per model (class codes in, names shown)."""
-    from sklearn.metrics import confusion_matrix
-
-    figure, axes = plt.subplots(1, len(predictions), figsize=(5.2 * len(predictions), 4.8), squeeze=False)
-    for axis, (name, predicted) in zip(axes[0], predictions.items()):
-        matrix = confusion_matrix(truth, predicted, labels=list(range(len(labels))), normalize="true")
+def plot_confusion_matrices(confusion: dict[str, np.ndarray], scores: dict[str, dict], labels: list[str],
+                            out: str | Path) -> None:
+    """Row-normalised confusion matrices side by side, one per model."""
+    figure, axes = plt.subplots(1, len(confusion), figsize=(5.2 * len(confusion), 4.8), squeeze=False)
+    for axis, (name, counts) in zip(axes[0], confusion.items()):
+        totals = counts.sum(axis=1, keepdims=True)
+        matrix = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
         axis.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
         for (row, column), value in np.ndenumerate(matrix):
             axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
@@ -144,9 +155,8 @@ def evaluate(
 ) -> dict:
     """Score the fine-tuned model and the linear probe on the validation cells.
 
-    Every validation cell is scored, block by block: per cell only its class codes and the
-    predicted probability are kept, the tokens and embeddings of one block are read at a time.
-    Writes ``OUTPUT_FILES`` into ``out_dir``, logs the scores and files to the model's
+    Every validation cell is scored, block by block (:func:`score_validation_cells`), so memory
+    does not grow with the number of cells. Writes ``OUTPUT_FILES`` into ``out_dir``, logs the scores and files to the model's
     MLflow run, and returns the metrics.
     """
     if threads:
@@ -156,31 +166,22 @@ def evaluate(
     torch_device = resolve_device(device)
     model = fine_tuned.load_model(torch_device)
     labels = class_labels(model)
-    validation = LabelledCells.read(split_path, VALIDATION, labels, TokenStore(tokens_paths))
     probe, probe_cells = fit_linear_probe(embeddings_path, split_path, labels, fine_tuned.metadata["seed"])
-    predictions = {name: np.empty(len(validation), dtype=np.int64) for name in ("fine-tuned", "linear probe")}
-    probability = np.empty(len(validation), dtype=np.float32)
-    with h5py.File(embeddings_path, "r") as handle:
-        embeddings = handle[f"obsm/{EMBEDDING_KEY}"]
-        for first in range(0, len(validation), EVALUATE_BLOCK_CELLS):
-            block = np.arange(first, min(len(validation), first + EVALUATE_BLOCK_CELLS))
-            probabilities = predict_proba(model, lambda positions: validation.fetch(block[positions]),
-                                          validation.lengths[block], len(labels), batch_size, torch_device, precision)
-            predictions["fine-tuned"][block] = probabilities.argmax(axis=1)
-            probability[block] = probabilities.max(axis=1)
-            predictions["linear probe"][block] = probe.predict(read_rows(embeddings, validation.cell_index[block]))
-    truth = validation.targets
-    scores = {name: classification_metrics(truth, predicted, labels) for name, predicted in predictions.items()}
+    with h5py.File(embeddings_path, "r") as handle, atomic_path(out_dir / "predictions.tsv") as predictions:
+        confusion = score_validation_cells(
+            model, probe, handle[f"obsm/{EMBEDDING_KEY}"], split_path, tokens_paths, labels, predictions,
+            batch_size=batch_size, device=torch_device, precision=precision)
+    scores = {name: classification_metrics(counts, labels) for name, counts in confusion.items()}
     chance = 1 / len(labels)
     metrics = {
         "label_column": fine_tuned.metadata["label_column"], "classes": labels,
-        "train_cells": fine_tuned.metadata["train_cells"], "validation_cells": len(validation),
+        "train_cells": fine_tuned.metadata["train_cells"], "validation_cells": int(confusion["fine-tuned"].sum()),
         "chance_accuracy": chance, "fine_tuned": scores["fine-tuned"],
         "linear_probe": {**scores["linear probe"], "train_cells": probe_cells},
         "model": {key: fine_tuned.metadata[key] for key in ("base_model", "profile", "optimizer_steps", "mlflow_run_id")},
     }
-    write_tables(metrics, split_path, labels, truth, predictions, probability, out_dir)
-    plot_confusion_matrices(truth, predictions, scores, labels, out_dir / "confusion_matrix.png")
+    write_tables(metrics, out_dir)
+    plot_confusion_matrices(confusion, scores, labels, out_dir / "confusion_matrix.png")
     plot_training_curve(pd.read_csv(training_log, sep="\t"), out_dir / "training_curve.png")
     with atomic_path(out_dir / "metrics.json") as partial:
         partial.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -188,9 +189,49 @@ def evaluate(
     return metrics
 
 
-def write_tables(metrics: dict, split_path: str | Path, labels: list[str], truth: np.ndarray,
-                 predictions: dict[str, np.ndarray], probability: np.ndarray, out_dir: Path) -> None:
-    """Write the summary, per-class and per-cell prediction tables (TSV); the last block by block."""
+def score_validation_cells(model, probe, embeddings: h5py.Dataset, split_path: str | Path,
+                           tokens_paths: list[str | Path], labels: list[str], predictions: Path, *, batch_size: int, device: torch.device,
+                           precision: str) -> dict[str, np.ndarray]:
+    """Score every validation cell with both models, block by block; return their confusion matrices.
+
+    The label split is read in blocks and each block's validation cells scored in blocks of
+    ``SCORING_BLOCK_CELLS``: the fine-tuned model on their tokens, the probe on their frozen
+    embeddings. Each block's rows are appended to the ``predictions`` table (TSV, in the
+    split's order) and its counts added to the confusion matrices; nothing per cell is kept.
+    Only the block's own token files are mapped, so their pages leave memory with the block.
+    """
+    tokens_of_chunk = {Path(path).stem: path for path in tokens_paths}
+    names = np.asarray(labels, dtype=object)
+    confusion = {name: np.zeros((len(labels), len(labels)), dtype=np.int64) for name in ("fine-tuned", "linear probe")}
+    scored = 0
+    for block in iter_label_split(split_path, ["cell_index", "cell_id", "chunk", "row", "label", "split"]):
+        block = block[block["split"] == VALIDATION]
+        missing = set(block["chunk"]) - set(tokens_of_chunk)
+        if missing:
+            raise HelixflowError(split_path, f"no tokens file for chunk {min(missing)} among the {len(tokens_paths)} given")
+        store = TokenStore([tokens_of_chunk[chunk] for chunk in block["chunk"].unique()])
+        cells = LabelledCells.from_split(block, labels, store, with_cell_index=True)
+        if (cells.targets < 0).any():
+            unknown = block["label"].to_numpy()[cells.targets < 0][0]
+            raise HelixflowError(split_path, f"validation cells labelled '{unknown}', a class the model was not trained on")
+        cell_ids = block["cell_id"].to_numpy()
+        for positions in scoring_blocks(len(cells)):
+            part = cells.take(positions)
+            probabilities = predict_proba(model, part.fetch, part.lengths, len(labels), batch_size, device, precision)
+            predicted = {"fine-tuned": probabilities.argmax(axis=1),
+                         "linear probe": probe.predict(read_rows(embeddings, part.cell_index))}
+            for name, classes in predicted.items():
+                confusion[name] += confusion_counts(part.targets, classes, len(labels))
+            pd.DataFrame({"cell_index": part.cell_index, "cell_id": cell_ids[positions], "true": names[part.targets],
+                          "fine_tuned": names[predicted["fine-tuned"]], "fine_tuned_probability": probabilities.max(axis=1),
+                          "linear_probe": names[predicted["linear probe"]]},
+                         ).to_csv(predictions, sep="\t", index=False, float_format="%.4f", mode="a", header=scored == 0)
+            scored += len(part)
+    return confusion
+
+
+def write_tables(metrics: dict, out_dir: Path) -> None:
+    """Write the summary and per-class tables (TSV)."""
     summary = pd.DataFrame([
         {"model": "fine-tuned", "accuracy": metrics["fine_tuned"]["accuracy"], "macro_f1": metrics["fine_tuned"]["macro_f1"]},
         {"model": "linear probe (frozen embeddings)", "accuracy": metrics["linear_probe"]["accuracy"],
@@ -206,17 +247,6 @@ def write_tables(metrics: dict, split_path: str | Path, labels: list[str], truth
     for name, table in (("summary.tsv", summary), ("per_class.tsv", per_class)):
         with atomic_path(out_dir / name) as partial:
             table.to_csv(partial, sep="\t", index=False, float_format="%.4f")
-    names = np.asarray(labels, dtype=object)
-    with atomic_path(out_dir / "predictions.tsv") as partial:
-        first = 0  # validation cells come in the split's order, as LabelledCells.read keeps them
-        for block in iter_label_split(split_path, ["cell_index", "cell_id", "split"]):
-            block = block[block["split"] == VALIDATION]
-            rows = slice(first, first + len(block))
-            pd.DataFrame({"cell_index": block["cell_index"].to_numpy(), "cell_id": block["cell_id"].to_numpy(),
-                          "true": names[truth[rows]], "fine_tuned": names[predictions["fine-tuned"][rows]],
-                          "fine_tuned_probability": probability[rows], "linear_probe": names[predictions["linear probe"][rows]]},
-                         ).to_csv(partial, sep="\t", index=False, float_format="%.4f", mode="a", header=first == 0)
-            first += len(block)
 
 
 def log_to_mlflow(metadata: dict, metrics: dict, out_dir: Path) -> None:

@@ -35,7 +35,7 @@ from helixflow.label_split import TRAIN, VALIDATION, class_names
 from helixflow.model_files import ModelFiles
 from helixflow.outputs import atomic_path
 from helixflow.profiles import check_train_settings
-from helixflow.token_batches import LabelledCells, TokenStore, pad_batch, training_batches
+from helixflow.token_batches import EpochBatches, LabelledCells, TokenStore, pad_batch, scoring_blocks
 from helixflow.tracking import resolve_tracking_uri, tracked_run
 
 RUN_FILE = "run.json"  # in the checkpoint folder: the fingerprint of the run its checkpoints belong to
@@ -174,14 +174,16 @@ def train_to_epoch_end(engine, cells: LabelledCells, plan: TrainingPlan, seed: i
     accumulation group, and one history record per optimizer step.
     """
     epoch, first = divmod(state["micro_batch"], plan.batches_per_epoch)
-    batches = training_batches(cells.lengths, engine.train_micro_batch_size_per_gpu(), seed, epoch)
+    batches = EpochBatches(cells.lengths, engine.train_micro_batch_size_per_gpu(), seed=seed, epoch=epoch)
     engine.train()
-    for batch in batches[first:]:
+    for index in range(first, len(batches)):
         if state["micro_batch"] >= plan.total_micro_batches:
             return
+        batch = batches[index]
         ids, attention = pad_batch(cells.fetch(batch))
         logits = engine(input_ids=ids.to(engine.device), attention_mask=attention.to(engine.device)).logits
-        loss = torch.nn.functional.cross_entropy(logits.float(), torch.from_numpy(cells.targets[batch]).to(engine.device))
+        targets = torch.from_numpy(cells.targets[batch].astype(np.int64)).to(engine.device)
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets)
         boundary = engine.is_gradient_accumulation_boundary()
         learning_rate = engine.get_lr()[0]  # what this step uses; stepping moves the schedule on
         engine.backward(loss)
@@ -201,13 +203,17 @@ def train_to_epoch_end(engine, cells: LabelledCells, plan: TrainingPlan, seed: i
 
 
 def validate(engine, cells: LabelledCells, n_classes: int, batch_size: int, epoch: float) -> dict:
-    """Validation loss and accuracy of the model being trained (no random state is used)."""
+    """Validation loss and accuracy of the model being trained, block by block (no random state is used)."""
     engine.eval()
-    probabilities = predict_proba(engine, cells.fetch, cells.lengths, n_classes, batch_size, engine.device)
-    chosen = probabilities[np.arange(len(cells)), cells.targets]
+    loss, correct = 0.0, 0
+    for block in scoring_blocks(len(cells)):
+        part = cells.take(block)
+        probabilities = predict_proba(engine, part.fetch, part.lengths, n_classes, batch_size, engine.device)
+        chosen = probabilities[np.arange(len(part)), part.targets]
+        loss -= float(np.log(np.clip(chosen, 1e-12, None)).sum(dtype=np.float64))
+        correct += int((probabilities.argmax(axis=1) == part.targets).sum())
     return {"step": engine.global_steps, "epoch": round(epoch, 4),
-            "validation_loss": float(-np.log(np.clip(chosen, 1e-12, None)).mean()),
-            "validation_accuracy": float((probabilities.argmax(axis=1) == cells.targets).mean())}
+            "validation_loss": loss / len(cells), "validation_accuracy": correct / len(cells)}
 
 
 def run_fingerprint(split_path, tokens_paths, files: ModelFiles, profile: dict, seed: int) -> str:

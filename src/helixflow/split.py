@@ -190,7 +190,8 @@ def _sample_problem(path: Path, source: str) -> str | None:
 def duplicate_cell_names(path: Path, examples: int = 3, block_rows: int = 100_000) -> dict:
     """How many cell names (``obs_names``) repeat an earlier one, and a few of them.
 
-    Names are read in blocks and kept as 64-bit hashes (8 bytes a cell, which the profile's
+    Names are read in blocks and kept as 64-bit hashes, sorted in place (8 bytes a cell, and a
+    byte a cell while repeats are counted, which the profile's
     ``memory_mb_per_million_cells.validate_input`` covers); a second pass finds the example
     names. Two different names sharing a hash (about 1 in 10^6 at ten million cells) would
     count as one repeat: this is a warning's count, and no output depends on it.
@@ -200,19 +201,24 @@ def duplicate_cell_names(path: Path, examples: int = 3, block_rows: int = 100_00
 
         def blocks():
             for first in range(0, index.shape[0], block_rows):
-                yield index.asstr()[first:first + block_rows] if index.dtype.kind in "SO" else index[first:first + block_rows].astype(str).astype(object)
+                yield first, (index.asstr()[first:first + block_rows] if index.dtype.kind in "SO"
+                              else index[first:first + block_rows].astype(str).astype(object))
 
-        hashes = np.concatenate([pd.util.hash_array(names) for names in blocks()] or [np.empty(0, np.uint64)])
+        hashes = np.empty(index.shape[0], dtype=np.uint64)
+        for first, names in blocks():
+            hashes[first:first + len(names)] = pd.util.hash_array(names)
         hashes.sort()
-        repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+        repeats = hashes[1:] == hashes[:-1]
+        count = int(repeats.sum())
+        repeated = np.unique(hashes[1:][repeats])
+        del hashes, repeats
         found: list[str] = []
         if repeated.size:
-            for names in blocks():
+            for _, names in blocks():
                 hit = np.isin(pd.util.hash_array(names), repeated)
                 found.extend(name for name in dict.fromkeys(names[hit].tolist()) if name not in found)
                 if len(found) >= examples:
                     break
-    count = int(hashes.size - np.unique(hashes).size)
     return {"count": count, "examples": found[:examples]}
 
 

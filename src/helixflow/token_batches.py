@@ -7,6 +7,7 @@ cell, and cells of similar length are batched together, so padding stays small.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from helixflow.label_split import iter_label_split
 from helixflow.tokenization import open_tokens
 
 LENGTH_WINDOW_BATCHES = 50  # training cells are length-sorted within windows of this many batches
+SCORING_BLOCK_CELLS = 20_000  # cells scored at once: only their probabilities are held as floats
 
 
 class TokenStore:
@@ -35,7 +37,7 @@ class TokenStore:
         for path in paths:
             table = open_tokens(path)
             self.columns[Path(path).stem] = table.column("input_ids")
-            self.lengths[Path(path).stem] = table.column("length").to_numpy()
+            self.lengths[Path(path).stem] = table.column("length").to_numpy().astype(np.int32, copy=False)
         self.chunk_names = list(self.columns)
 
     def chunk_codes(self, chunks) -> np.ndarray:
@@ -48,7 +50,7 @@ class TokenStore:
 
     def cell_lengths(self, codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Tokens per cell of the given ``(chunk code, row)`` pairs, one pass per chunk."""
-        out = np.empty(len(rows), dtype=np.int64)
+        out = np.empty(len(rows), dtype=np.int32)
         order = np.argsort(codes, kind="stable")
         bounds = np.searchsorted(codes[order], np.arange(len(self.chunk_names) + 1))
         for code, name in enumerate(self.chunk_names):
@@ -73,22 +75,41 @@ def pad_batch(cells: list[np.ndarray], pad_token: int = 0) -> tuple[torch.Tensor
     return ids, attention.long()
 
 
-def training_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+class EpochBatches:
     """One epoch's batches of cell positions: shuffled, with similar lengths together.
 
     Cells are shuffled, sorted by length within windows of ``LENGTH_WINDOW_BATCHES``
     batches, cut into batches, and the batches shuffled. The order depends only on
     ``seed`` and ``epoch``, so a resumed run sees the batches an uninterrupted one would.
+    The epoch is held as one array of positions (4 bytes a cell) that batches are views of.
+
+    Parameters
+    ----------
+    lengths
+        Tokens per cell.
+    batch_size
+        Cells per batch (the last batch of the epoch may be smaller).
     """
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
-    span = batch_size * LENGTH_WINDOW_BATCHES
-    batches = []
-    for first in range(0, len(order), span):
-        window = order[first : first + span]
-        window = window[np.argsort(-lengths[window], kind="stable")]
-        batches.extend(window[i : i + batch_size] for i in range(0, len(window), batch_size))
-    return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int) -> None:
+        rng = np.random.default_rng([seed, epoch])
+        # Shuffling an arange in place draws what ``rng.permutation(n)`` does, in half the memory.
+        self.order = np.arange(len(lengths), dtype=np.int32 if len(lengths) < 2**31 else np.int64)
+        rng.shuffle(self.order)
+        span = batch_size * LENGTH_WINDOW_BATCHES
+        for first in range(0, len(self.order), span):
+            window = self.order[first : first + span]
+            window[:] = window[np.argsort(-lengths[window], kind="stable")]
+        # Windows hold whole batches, so batch i of the unshuffled epoch starts at i * batch_size.
+        self.batch_size = batch_size
+        self.batch_order = rng.permutation(-(-len(self.order) // batch_size))
+
+    def __len__(self) -> int:
+        return len(self.batch_order)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        first = int(self.batch_order[index]) * self.batch_size
+        return self.order[first : first + self.batch_size]
 
 
 def inference_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -97,46 +118,72 @@ def inference_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-class LabelledCells:
-    """One part (train or validation) of a label split, with its cells' tokens and classes.
+def scoring_blocks(n_cells: int, block_cells: int = SCORING_BLOCK_CELLS) -> Iterator[np.ndarray]:
+    """Positions ``0..n_cells`` in consecutive blocks of at most ``block_cells``."""
+    for first in range(0, n_cells, block_cells):
+        yield np.arange(first, min(n_cells, first + block_cells))
 
-    Per cell only numbers are kept (chunk code, row, target, length, position in the
-    dataset): about 28 bytes a cell, so ten million cells take some 300 MB.
+
+class LabelledCells:
+    """Cells of a label split, with their tokens and classes.
+
+    Per cell only narrow numbers are kept (chunk code, row, length, target: 13 bytes a cell
+    for up to 127 classes, and the position in the dataset when asked for), so ten million cells
+    take some 130 MB.
 
     Parameters
     ----------
-    split
-        The rows of a label split table for this part (``chunk``, ``row``, ``label``, and
-        optionally ``cell_index``).
-    labels
-        Class names; a cell's target is the index of its label.
     store
         Where the cells' tokens are.
+    chunk_codes, rows
+        Each cell's chunk (its position among ``store.chunk_names``) and row in that chunk.
+    lengths
+        Each cell's number of tokens.
+    targets
+        Each cell's class (its label's position among the class names).
+    cell_index
+        Each cell's position in the dataset, or ``None``.
     """
 
-    def __init__(self, split, labels: list[str], store: TokenStore) -> None:
+    def __init__(self, store: TokenStore, chunk_codes: np.ndarray, rows: np.ndarray, lengths: np.ndarray,
+                 targets: np.ndarray, cell_index: np.ndarray | None = None) -> None:
         self.store = store
-        self.chunk_codes = store.chunk_codes(split["chunk"])
-        self.rows = split["row"].to_numpy(dtype=np.int32)
-        self.lengths = store.cell_lengths(self.chunk_codes, self.rows)
-        self.targets = pd.Categorical(split["label"], categories=labels).codes.astype(np.int64)
-        self.cell_index = split["cell_index"].to_numpy(dtype=np.int64) if "cell_index" in split else None
+        self.chunk_codes = chunk_codes.astype(np.int32, copy=False)
+        self.rows = rows.astype(np.int32, copy=False)
+        self.lengths = lengths.astype(np.int32, copy=False)
+        self.targets = targets
+        self.cell_index = cell_index
+
+    @classmethod
+    def from_split(cls, split: pd.DataFrame, labels: list[str], store: TokenStore, *,
+                   with_cell_index: bool = False) -> LabelledCells:
+        """The cells of some rows of a label split table (``chunk``, ``row``, ``label``; ``cell_index``).
+
+        Targets are categorical codes (the narrowest signed integer that holds the classes; -1
+        for a label that is not a class).
+        """
+        codes, rows = store.chunk_codes(split["chunk"]), split["row"].to_numpy(dtype=np.int32)
+        return cls(store, codes, rows, store.cell_lengths(codes, rows),
+                   pd.Categorical(split["label"], categories=labels).codes,
+                   split["cell_index"].to_numpy(dtype=np.int64) if with_cell_index else None)
 
     @classmethod
     def read(cls, split_path: str | Path, part: str, labels: list[str], store: TokenStore) -> LabelledCells:
         """The cells of ``part`` of a label split file, read block by block (no cell ids, no strings kept)."""
         blocks = []
-        for block in iter_label_split(split_path, ["cell_index", "chunk", "row", "label", "split"]):
-            block = block[block["split"] == part]
-            blocks.append(pd.DataFrame({"cell_index": block["cell_index"].to_numpy(dtype=np.int64),
-                                        "chunk": pd.Categorical(block["chunk"], categories=store.chunk_names),
-                                        "row": block["row"].to_numpy(dtype=np.int32),
-                                        "label": pd.Categorical(block["label"], categories=labels)}))
-        return cls(pd.concat(blocks, ignore_index=True), labels, store)
+        for block in iter_label_split(split_path, ["chunk", "row", "label", "split"]):
+            block = cls.from_split(block[block["split"] == part], labels, store)
+            blocks.append((block.chunk_codes, block.rows, block.lengths, block.targets))
+        return cls(store, *(np.concatenate(parts) for parts in zip(*blocks))) if blocks else cls(store, *(np.empty(0, np.int32),) * 4)
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def take(self, positions: np.ndarray) -> LabelledCells:
+        """The cells at ``positions``, as their own ``LabelledCells``."""
+        return LabelledCells(self.store, self.chunk_codes[positions], self.rows[positions], self.lengths[positions],
+                             self.targets[positions], None if self.cell_index is None else self.cell_index[positions])
+
     def fetch(self, positions: np.ndarray) -> list[np.ndarray]:
-        """Token ids of the cells at ``positions`` of this part."""
+        """Token ids of the cells at ``positions``."""
         return self.store.cells(self.chunk_codes[positions], self.rows[positions])
