@@ -13,7 +13,9 @@ evaluate scores every validation cell with an untrained classifier saved by heli
 code.
 
     nice python bench/memory.py                      # 1M and 10M cells; rewrites docs/benchmarks.md's section
-    python bench/memory.py --sizes 20000 200000      # what tests/test_memory.py checks
+    nice python bench/memory.py --steps evaluate     # only these steps (and what they need); the others'
+                                                     # figures are kept from bench/results/memory.json
+    python bench/memory.py --sizes 100000 1000000    # what tests/test_memory.py checks
 
 Ten million cells need about 17 GB of disk under --workdir; preparing them takes minutes,
 measuring hours (annotate runs the model over every cell, evaluate over every validation cell).
@@ -56,15 +58,18 @@ sys.exit(code)
 FINETUNE_LOADING = f"""
 import sys
 from helixflow.finetune import load_labelled_cells
-from helixflow.token_batches import pad_batch, training_batches
+from helixflow.token_batches import EpochBatches, pad_batch
 labels, cells = load_labelled_cells(sys.argv[1], sys.argv[2:])
-batches = training_batches(cells["train"].lengths, 16, 0, 0)
+batches = EpochBatches(cells["train"].lengths, 16, seed=0, epoch=0)
 pad_batch(cells["train"].fetch(batches[0]))
 peak = next(int(line.split()[1]) // 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print("{PEAK_PREFIX}" + str(peak), file=sys.stderr)
 """
 STEPS = ("validate_input", "split", "tokenize", "embed", "gather", "plot_embeddings", "label_split",
          "finetune (data loading)", "evaluate", "annotate", "pipeline_info")
+STEP_NEEDS = {"plot_embeddings": ("gather",), "finetune (data loading)": ("label_split",),
+              "evaluate": ("gather", "label_split"), "annotate": ("label_split",)}  # the outputs they read
+RESULTS = ROOT / "bench" / "results" / "memory.json"
 
 
 @dataclass(frozen=True)
@@ -205,8 +210,9 @@ def peak_rss_mb(code: str, argv: list[str], environment: dict) -> int:
     return int(result.stderr.rsplit(PEAK_PREFIX, 1)[1].split()[0])
 
 
-def measure(run: Run, plot_cells: int = 20_000) -> dict[str, dict]:
-    """Peak RSS (MB) and wall time (s) of every step on ``run``, each in its own process."""
+def measure(run: Run, plot_cells: int = 20_000, steps: tuple[str, ...] = STEPS) -> dict[str, dict]:
+    """Peak RSS (MB), wall time (s) and date of ``steps`` (and the steps they need) on ``run``, each in its own process."""
+    wanted = set(steps).union(*(STEP_NEEDS.get(step, ()) for step in steps))
     out = run.root / "measured"
     model = ["--models-dir", str(run.models_dir), "--profile", "tiny"]
     last = run.chunk_names[-1]
@@ -231,18 +237,22 @@ def measure(run: Run, plot_cells: int = 20_000) -> dict[str, dict]:
     figures = {}
 
     def timed(step: str, code: str, argv: list[str]) -> None:
+        if step not in wanted:
+            return
         started = time.monotonic()
-        figures[step] = {"peak_rss_mb": peak_rss_mb(code, argv, environment), "seconds": round(time.monotonic() - started, 1)}
+        figures[step] = {"peak_rss_mb": peak_rss_mb(code, argv, environment), "seconds": round(time.monotonic() - started, 1),
+                         "date": time.strftime("%Y-%m-%d")}
 
     for step, argv in commands.items():
         timed(step, CLI, argv)
     timed("finetune (data loading)", FINETUNE_LOADING, [str(split_table), *run.paths("tokens")])
-    model_dir, training_log = save_untrained_classifier(run, split_table)
-    timed("evaluate", CLI, ["step", "evaluate", str(model_dir), str(split_table), str(out / "evaluate"),
-                            "--tokens", *run.paths("tokens"), "--embeddings", str(out / "embeddings" / "embeddings.h5ad"),
-                            "--training-log", str(training_log), "--batch-size", str(INFERENCE_BATCH), "--device", "cpu"])
-    timed("annotate", CLI, ["annotate", str(run.data), "--model-dir", str(model_dir), "--out", str(out / "annotate.h5ad"),
-                            "--batch-size", str(INFERENCE_BATCH), "--device", "cpu"])
+    if wanted & {"evaluate", "annotate"}:
+        model_dir, training_log = save_untrained_classifier(run, split_table)
+        timed("evaluate", CLI, ["step", "evaluate", str(model_dir), str(split_table), str(out / "evaluate"),
+                                "--tokens", *run.paths("tokens"), "--embeddings", str(out / "embeddings" / "embeddings.h5ad"),
+                                "--training-log", str(training_log), "--batch-size", str(INFERENCE_BATCH), "--device", "cpu"])
+        timed("annotate", CLI, ["annotate", str(run.data), "--model-dir", str(model_dir), "--out", str(out / "annotate.h5ad"),
+                                "--batch-size", str(INFERENCE_BATCH), "--device", "cpu"])
     timed("pipeline_info", CLI, ["step", "trace", str(run.root / "benchmarks"), str(out / "pipeline_info" / "trace.tsv"),
                                  str(out / "pipeline_info" / "trace.png"), "--step-metrics", str(out / "pipeline_info" / "steps")])
     return figures
@@ -251,16 +261,16 @@ def measure(run: Run, plot_cells: int = 20_000) -> dict[str, dict]:
 def markdown(results: dict[int, dict[str, dict]], command: str) -> str:
     """The generated section of docs/benchmarks.md."""
     small, large = sorted(results)
-    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, Python {platform.python_version()}, "
-             f"with `{command}` (chunks of {CHUNK_CELLS:,} cells, tiny model, 8 genes per cell).", "",
-             f"| step | peak MB at {small:,} cells | peak MB at {large:,} cells | growth | s at {small:,} | s at {large:,} |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"Measured on {platform.machine()}, Python {platform.python_version()}, with `{command}` (chunks of "
+             f"{CHUNK_CELLS:,} cells, tiny model, 8 genes per cell); the last column says when each step was measured.", "",
+             f"| step | peak MB at {small:,} cells | peak MB at {large:,} cells | growth | s at {small:,} | s at {large:,} | measured |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     lines.append("| *preparing the data (not measured)* | | | | " + " | ".join(
-        str(results[size]["prepare (not measured)"]["seconds"]) for size in (small, large)) + " |")
+        str(results[size]["prepare (not measured)"]["seconds"]) for size in (small, large)) + " | |")
     for step in STEPS:
         a, b = results[small][step], results[large][step]
         growth = 100 * (b["peak_rss_mb"] - a["peak_rss_mb"]) / a["peak_rss_mb"]
-        lines.append(f"| {step} | {a['peak_rss_mb']} | {b['peak_rss_mb']} | {growth:+.0f}% | {a['seconds']} | {b['seconds']} |")
+        lines.append(f"| {step} | {a['peak_rss_mb']} | {b['peak_rss_mb']} | {growth:+.0f}% | {a['seconds']} | {b['seconds']} | {b['date']} |")
     return "\n".join(lines)
 
 
@@ -268,8 +278,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs=2, default=[1_000_000, 10_000_000], help="the two dataset sizes")
     parser.add_argument("--workdir", type=Path, help="where the datasets go (default: a temporary folder, removed)")
-    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), metavar="STEP",
+                        help=f"the steps to measure (default: all); the others are kept from {RESULTS.relative_to(ROOT)}")
+    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md or the results file")
     args = parser.parse_args()
+    previous = {}
+    if set(args.steps) != set(STEPS):
+        previous = {int(size): figures for size, figures in json.loads(RESULTS.read_text()).items()}
+        if sorted(previous) != sorted(args.sizes):
+            parser.error(f"{RESULTS} holds sizes {sorted(previous)}, not {sorted(args.sizes)}: measure every step")
     from helixflow.model_files import ModelFiles, stage_synthetic
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
@@ -281,11 +298,13 @@ def main() -> int:
             run = prepare(root / f"cells-{n_cells}", n_cells, root / "models")
             prepared = round(time.monotonic() - started, 1)
             print(f"prepared {n_cells:,} cells in {prepared:.0f} s", flush=True)
-            results[n_cells] = {"prepare (not measured)": {"seconds": prepared}, **measure(run)}
+            results[n_cells] = {**previous.get(n_cells, {}), "prepare (not measured)": {"seconds": prepared},
+                                **measure(run, steps=tuple(args.steps))}
             print(json.dumps({n_cells: results[n_cells]}), flush=True)
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "memory.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results, "bench/memory.py"))
     if not args.no_doc:
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
         command = "nice python bench/memory.py" + ("" if args.sizes == [1_000_000, 10_000_000] else f" --sizes {' '.join(map(str, args.sizes))}")
         text = DOC.read_text()
         section = f"{BEGIN}\n{markdown(results, command)}\n{END}"
@@ -294,7 +313,6 @@ def main() -> int:
         else:
             text += f"\n{section}\n"
         DOC.write_text(text)
-    print(markdown(results, "bench/memory.py"))
     return 0
 
 
