@@ -20,17 +20,16 @@ from helixflow.errors import HelixflowError
 from helixflow.profiles import PROJECT_DIR
 from helixflow.run_lock import LOCK_ENV, RunLock, clear_stale_snakemake_locks
 from helixflow.step_logs import report_failed_step
+from helixflow.steps import FINAL_STAGE, stages, until_rules
 
 SNAKEFILE = PROJECT_DIR / "workflow" / "Snakefile"
 DEFAULT_CONFIG = PROJECT_DIR / "config" / "config.yaml"
-# --until STEP: the last rule of each user-facing step.
 WORKFLOW_PROFILES = sorted(p.name for p in (PROJECT_DIR / "workflow" / "profiles").iterdir() if p.is_dir())
 # SIGTERM/SIGINT of `helixflow run`: how long snakemake gets to end its jobs before all are killed.
 STOP_TIMEOUT_S = 30.0
 STOP_SIGNALS = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGINT: "SIGINT"}
-UNTIL_RULES = {"stage": "stage_model", "validate": "validate_input", "split": "split",
-               "tokenize": "tokenize", "embed": "gather", "label_split": "label_split", "finetune": "finetune",
-               "evaluate": "evaluate", "annotate": "annotate"}
+# --until STAGE: the last rule of each user-facing stage.
+UNTIL_RULES = until_rules()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("input", type=Path, help="the .h5ad dataset (raw counts, never modified)")
     run.add_argument("--model", default="tiny", help="model resource profile (see 'helixflow profile list'); default: tiny")
     run.add_argument("--out", type=Path, default=Path("results/run"), help="output folder; default: results/run")
-    run.add_argument("--until", choices=[*UNTIL_RULES, "report"], default="report",
+    run.add_argument("--until", choices=stages(), default=FINAL_STAGE,
                      help="last step to run; default: report (everything)")
     run.add_argument("--cores", type=int, default=os.cpu_count(), help="CPU cores snakemake may use; default: all")
     run.add_argument("--chunk-size", type=int, help="cells per chunk (one job each); default from the config")
@@ -348,7 +347,7 @@ def cmd_run(args) -> int:
         override.write("finetune:\n  enabled: false\n")
         override.close()
         command[command.index("--configfile") + 1 : command.index("--configfile") + 2] = [str(args.configfile), override.name]
-    if args.until != "report":
+    if args.until != FINAL_STAGE:
         command += ["--until", UNTIL_RULES[args.until]]
     if args.dry_run:
         command.append("--dry-run")
@@ -388,15 +387,15 @@ def _run_snakemake(command: list[str], config: list[str], args, environment_path
         return returncode
     if args.dry_run:
         return 0
-    if args.until == "report":
+    if args.until == FINAL_STAGE:
         report = args.out / "report.html"
         subprocess.run([*command[: command.index("--cores")], "--config", *config, "--report", str(report)],
                        check=True, capture_output=True, env=environment)
         print(f"helixflow: report:     {report}")
-    if args.until in ("embed", "report"):
+    if args.until in ("embed", FINAL_STAGE):
         print(f"helixflow: embeddings: {args.out / 'embeddings' / 'embeddings.h5ad'} (obsm['X_geneformer'])")
     metrics_path = args.out / "evaluate" / "metrics.json"
-    if args.until in ("evaluate", "report") and metrics_path.is_file():
+    if args.until in ("evaluate", FINAL_STAGE) and metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
         print(f"helixflow: fine-tuned: {args.out / 'finetune' / 'model'}: held-out accuracy "
               f"{metrics['fine_tuned']['accuracy']:.3f}, macro-F1 {metrics['fine_tuned']['macro_f1']:.3f} "
@@ -538,12 +537,13 @@ def cmd_model_stage(args) -> int:
 def cmd_profile_show(args) -> int:
     import yaml
 
-    from helixflow.profiles import WHOLE_DATASET_STEPS, load_profile, step_resources
+    from helixflow.profiles import load_profile, step_resources
+    from helixflow.steps import STEPS
 
     profile = load_profile(args.name, args.profiles_dir)
-    steps = ("validate_input", "split", "tokenize", "embed", "gather", "label_split", "finetune", "evaluate", "annotate")
     shown = dict(profile, snakemake_resources={
-        step: step_resources(profile, step, args.dataset_cells if step in WHOLE_DATASET_STEPS else args.cells) for step in steps})
+        name: step_resources(profile, name, args.dataset_cells if step.sized_by == "dataset" else args.cells)
+        for name, step in STEPS.items()})
     print(yaml.safe_dump(shown, sort_keys=False), end="")
     return 0
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from helixflow.h5ad import chunk_bounds, inspect_h5ad, obs_has_column
 from helixflow.metrics import push_workflow
-from helixflow.model_files import ModelFiles, model_facts
+from helixflow.model_files import ModelFiles
 from helixflow.profiles import load_profile, step_resources
 from helixflow.provenance import step_fingerprint
 
