@@ -38,7 +38,7 @@ demo: venv
 # tools of the container/Airflow tests (check-jsonschema for compose.yaml, hadolint, Playwright
 # driving Debian's chromium for the DAG screenshot).
 AIRFLOW_VENV ?= .venv-airflow
-$(AIRFLOW_VENV)/.installed: containers/airflow-constraints.txt
+$(AIRFLOW_VENV)/.installed: containers/airflow-constraints.txt pyproject.toml
 	test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
 	$(AIRFLOW_VENV)/bin/pip install --quiet --upgrade pip
 	$(AIRFLOW_VENV)/bin/pip install --quiet --constraint containers/airflow-constraints.txt \
