@@ -1,14 +1,19 @@
-"""scGPT: a synthetic model staged in helical's layout and loaded by helical with no network."""
+"""scGPT: a synthetic model staged in helical's layout, and tokens equal to what helical feeds its model."""
 
 from __future__ import annotations
 
 import socket
 
+import anndata as ad
+import pyarrow as pa
 import pytest
+import scipy.sparse as sp
 import torch
 
 from helixflow.errors import HelixflowError
 from helixflow.scgpt.files import ARCHITECTURES, SPECIAL_TOKENS, ScGPTFiles, helical_scgpt, stage_synthetic
+from helixflow.scgpt.tokenization import ARROW_SCHEMA, ScGPTTokenizer, map_symbols, tokenize_chunk
+from helixflow.tokenization import open_tokens
 
 
 @pytest.fixture(scope="module")
@@ -16,6 +21,41 @@ def tiny_scgpt(tmp_path_factory) -> ScGPTFiles:
     files = ScGPTFiles(tmp_path_factory.mktemp("scgpt"))
     stage_synthetic(files)
     return files
+
+
+@pytest.fixture(scope="module")
+def helical_model(tiny_scgpt):
+    return helical_scgpt(tiny_scgpt, batch_size=24)
+
+
+def helical_model_inputs(model, adata: ad.AnnData, *, max_length: int | None = None) -> list[tuple[list, list]]:
+    """Per cell, the gene ids and values helical's ``get_embeddings`` passes to its transformer, padding removed.
+
+    The transformer's ``_encode`` is wrapped to record its inputs, so the whole path of
+    ``process_data``, its ``Dataset``, ``DataCollator`` and ``DataLoader`` runs as helical runs it.
+    """
+    recorded = []
+    encode = model.model._encode
+
+    def record(genes, values, **kwargs):
+        recorded.append((genes.clone(), values.clone()))
+        return encode(genes, values, **kwargs)
+
+    default_length = model.config["MAX_LENGTH"]
+    model.config["MAX_LENGTH"] = max_length or default_length
+    model.model._encode = record
+    try:
+        model.get_embeddings(model.process_data(adata.copy(), gene_names="gene_symbol"))
+    finally:
+        del model.model._encode
+        model.config["MAX_LENGTH"] = default_length
+    pad = model.vocab["<pad>"]
+    cells = []
+    for genes, values in recorded:
+        for cell_genes, cell_values in zip(genes, values):
+            real = cell_genes != pad
+            cells.append((cell_genes[real].tolist(), cell_values[real].tolist()))
+    return cells
 
 
 def test_staged_model_has_helicals_layout(tiny_scgpt):
@@ -53,3 +93,54 @@ def test_helical_loads_staged_model_without_network(tiny_scgpt, monkeypatch):
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(HelixflowError, match="not staged.*helixflow model stage"):
         ScGPTFiles(tmp_path).load_vocabulary()
+
+
+def test_tokens_equal_helicals(tiny_scgpt, helical_model, dataset, tmp_path):
+    """Every cell's gene ids and bins equal helical's, <cls> first with the pad value.
+
+    helical reseeds its binning draws and its sampling permutation for every cell, so a
+    cell's tokens do not depend on its batch: helical's batches of 24 compare cell by cell,
+    and the chunk's first 192 cells stand for all (helical's CPU forward pass is the slow part).
+    """
+    out = tmp_path / "tokens.arrow"
+    assert tokenize_chunk(dataset, tiny_scgpt, out, block_cells=256) == 600
+    table = open_tokens(out)
+    assert table.schema == ARROW_SCHEMA and ARROW_SCHEMA.field("binned_values").type == pa.list_(pa.int16())
+    ours = list(zip(table.column("input_ids").to_pylist(), table.column("binned_values").to_pylist()))
+    theirs = helical_model_inputs(helical_model, ad.read_h5ad(dataset)[:192])
+    assert ours[:192] == theirs
+    assert table.column("length").to_pylist() == [len(ids) for ids, _ in ours]
+
+
+def test_long_cells_sampled_as_helical_samples(tiny_scgpt, helical_model, dataset):
+    """Cells longer than the maximum length keep the genes helical's seeded permutation keeps."""
+    adata = ad.read_h5ad(dataset)[:60].copy()
+    tokenizer = ScGPTTokenizer(tiny_scgpt, adata.var, gene_column="gene_symbol")
+    tokenizer.max_length = 64
+    batch = tokenizer.encode(adata.X)
+    assert set(batch.column("length").to_pylist()) == {64}
+    ours = list(zip(batch.column("input_ids").to_pylist(), batch.column("binned_values").to_pylist()))
+    assert ours == helical_model_inputs(helical_model, adata, max_length=64)
+
+
+def test_cell_without_vocabulary_genes_is_cls_alone(tiny_scgpt, dataset):
+    """helical fails on such a cell (numpy's max of an empty row); helixflow keeps it as <cls> alone."""
+    adata = ad.read_h5ad(dataset)[:3].copy()
+    counts = sp.csr_matrix(adata.X).tolil()
+    counts[1, :] = 0
+    batch = ScGPTTokenizer(tiny_scgpt, adata.var).encode(sp.csr_matrix(counts))
+    cls = tiny_scgpt.load_vocabulary()["<cls>"]
+    assert batch.column("input_ids").to_pylist()[1] == [cls]
+    assert batch.column("binned_values").to_pylist()[1] == [-2]
+
+
+def test_symbol_column_detected_and_checked(tiny_scgpt, dataset):
+    var = ad.read_h5ad(dataset, backed="r").var.copy()
+    vocabulary = tiny_scgpt.load_vocabulary()
+    mapping = map_symbols(var, vocabulary)
+    assert mapping.report["column"] == "var['gene_symbol']" and mapping.report["in_vocabulary"] == 1_600
+    assert (mapping.token_of_column[-40:] == -1).all()  # the dataset's foreign genes
+    with pytest.raises(HelixflowError, match="no gene of var_names.*scGPT vocabulary"):
+        map_symbols(var, vocabulary, gene_column="index")
+    with pytest.raises(HelixflowError, match="no gene column 'feature_name'"):
+        map_symbols(var, vocabulary, gene_column="feature_name")
