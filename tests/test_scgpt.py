@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 
 import anndata as ad
+import numpy as np
 import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 import torch
 
 from helixflow.errors import HelixflowError
+from helixflow.scgpt.embedding import embed_token_table, load_scgpt_encoder
 from helixflow.scgpt.files import ARCHITECTURES, SPECIAL_TOKENS, ScGPTFiles, helical_scgpt, stage_synthetic
 from helixflow.scgpt.tokenization import ARROW_SCHEMA, ScGPTTokenizer, map_symbols, tokenize_chunk
 from helixflow.tokenization import open_tokens
@@ -144,3 +148,34 @@ def test_symbol_column_detected_and_checked(tiny_scgpt, dataset):
         map_symbols(var, vocabulary, gene_column="index")
     with pytest.raises(HelixflowError, match="no gene column 'feature_name'"):
         map_symbols(var, vocabulary, gene_column="feature_name")
+
+
+@pytest.mark.parametrize("mode", ["cell", "cls"])
+def test_embeddings_equal_helicals_cell_by_cell(tiny_scgpt, helical_model, dataset, tmp_path, mode):
+    """Batched embeddings equal helical's ``get_embeddings`` of each cell alone, within 1e-4 (fp32, CPU).
+
+    helical's "cell" mean runs over its batch's padding too, so only a batch of one cell is
+    free of its batch-mates; helixflow's mean runs over the cell's own genes in any batch.
+    """
+    cells = ad.read_h5ad(dataset)[:24].copy()
+    cells.write_h5ad(tmp_path / "chunk.h5ad")
+    tokenize_chunk(tmp_path / "chunk.h5ad", tiny_scgpt, tmp_path / "chunk.arrow")
+    ours = embed_token_table(tiny_scgpt, open_tokens(tmp_path / "chunk.arrow"), batch_size=8,
+                             device=torch.device("cpu"), mode=mode)
+    helical_model.config.update(batch_size=1, emb_mode=mode)
+    try:
+        theirs = helical_model.get_embeddings(helical_model.process_data(cells.copy(), gene_names="gene_symbol"))
+    finally:
+        helical_model.config.update(batch_size=24, emb_mode="cell")
+    assert ours.dtype == np.float32 and ours.shape == (24, 32)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_checkpoint_of_another_shape_is_refused(tiny_scgpt, tmp_path):
+    """helical's loader would keep random weights where shapes differ; helixflow's refuses the file."""
+    files = ScGPTFiles(tmp_path)
+    shutil.copytree(tiny_scgpt.model_dir, files.model_dir)
+    args = json.loads(files.args.read_text())
+    files.args.write_text(json.dumps({**args, "embsize": 64}))
+    with pytest.raises(HelixflowError, match="does not fit the model's architecture"):
+        load_scgpt_encoder(files, torch.device("cpu"))
