@@ -111,11 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT_S, metavar="SECONDS",
                      help="after SIGTERM or Ctrl-C, how long running jobs get to end before they are killed; "
                           f"default: {STOP_TIMEOUT_S:.0f}")
-    # Object storage (helixflow.object_storage): an s3:// input is staged into a local cache.
-    run.add_argument("--s3-cache", type=Path, default=DEFAULT_CACHE_DIR, help=f"cache of staged s3:// inputs; default: {DEFAULT_CACHE_DIR}")
-    run.add_argument("--s3-cache-max-gb", type=float, default=DEFAULT_CACHE_MAX_GB,
+    # Object storage (helixflow.object_storage): an s3:// input is staged into a local cache; results go up after the run.
+    run.add_argument("--s3-cache", type=Path, default=DEFAULT_CACHE_DIR, metavar="DIR", help=f"cache of staged s3:// inputs; default: {DEFAULT_CACHE_DIR}")
+    run.add_argument("--s3-cache-max-gb", type=float, default=DEFAULT_CACHE_MAX_GB, metavar="GB",
                      help=f"size limit of --s3-cache (least recently used inputs go first); default: {DEFAULT_CACHE_MAX_GB:g}")
-    run.add_argument("--s3-work-dir", type=Path, help="local folder the run writes before its results are uploaded "
+    run.add_argument("--s3-work-dir", type=Path, metavar="DIR", help="local folder the run writes before its results are uploaded "
                      "to an s3:// --out; default: results/s3/BUCKET/PREFIX")
     run.set_defaults(handler=cmd_run)
 
