@@ -53,8 +53,10 @@ log = logging.getLogger(__name__)
 SCHEME = "s3://"
 MANIFEST_NAME = "_SUCCESS"
 ENTRY_RECORD = "entry.json"
-DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "helixflow" / "s3"
-DEFAULT_CACHE_MAX_GB = 100.0
+# Defaults of `helixflow run --s3-cache` and `--s3-cache-max-gb`; a container or DAG sets the variables.
+DEFAULT_CACHE_DIR = Path(os.environ.get("HELIXFLOW_S3_CACHE")
+                         or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "helixflow" / "s3")
+DEFAULT_CACHE_MAX_GB = float(os.environ.get("HELIXFLOW_S3_CACHE_MAX_GB", 100))
 # A single-part upload's ETag is the MD5 of its content; a multipart one ends in "-<parts>".
 MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 DENIED_CODES = {"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
@@ -97,7 +99,7 @@ def path_or_s3_url(text: str) -> Path | str:
 def s3_client():
     """A boto3 S3 client configured only from the standard AWS environment and profile files.
 
-    AWS_REGION is honoured like AWS_DEFAULT_REGION (boto3 itself reads only the latter);
+    AWS_REGION is honoured too, before AWS_DEFAULT_REGION as in the AWS CLI (boto3 reads only the latter);
     the endpoint (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL) is read by boto3 itself.
     """
     import boto3
