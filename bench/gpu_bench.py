@@ -24,7 +24,8 @@ from finetune_zero import write_section  # this folder
 from helixflow import deepspeed_engine
 from helixflow.classifier import build_classifier
 from helixflow.embedding import embed_tokens, load_encoder
-from helixflow.model_files import ModelFiles, model_facts, stage_architecture
+from helixflow.geneformer_models import model_facts
+from helixflow.model_files import ModelFiles, stage_architecture
 from helixflow.profiles import load_profile
 
 MODEL = "gf-12L-104M-i4096"

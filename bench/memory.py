@@ -109,7 +109,8 @@ def prepare(root: Path, n_cells: int, models_dir: Path) -> Run:
     from helixflow.demo_data import make_sparse_dataset
     from helixflow.embedding import embed_chunk, write_embedded_chunk
     from helixflow.h5ad import chunk_bounds
-    from helixflow.model_files import ModelFiles, model_facts
+    from helixflow.geneformer_models import model_facts
+    from helixflow.model_files import ModelFiles
     from helixflow.provenance import provenance
     from helixflow.split import split_chunk
     from helixflow.tokenization import open_tokens, tokenize_chunk

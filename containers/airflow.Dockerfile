@@ -1,7 +1,8 @@
 # Airflow image for the compose stack: Airflow 3.3.2 + providers-docker 4.6.1 + the Postgres
 # driver + airflow-exporter (Prometheus metrics at the api-server's /admin/metrics/). None of the
 # model stack: the DAG's stage tasks run in the helixflow image through the Docker API (the socket
-# proxy). The DAGs, plugins and profiles are mounted (compose.yaml) or baked in below.
+# proxy); the DAG imports only helixflow's light modules (step table, profiles). The DAGs, plugins
+# and profiles are mounted (compose.yaml) or baked in below.
 # Build (context: the repository root):
 #   docker compose build airflow-init        # as compose.yaml builds it
 #   docker build -f containers/airflow.Dockerfile -t helixflow-airflow:3.3.2 .
@@ -59,6 +60,18 @@ RUN set -eu; \
     . /opt/pip-sources.sh; \
     pip install "asyncpg==${ASYNCPG_VERSION}"; \
     rm -f /tmp/host-ca.crt
+
+# helixflow itself, without its dependencies: the DAG reads the step table and loads profiles with
+# the workflow's own code (jsonschema and PyYAML come with Airflow). A plain install of the package
+# (not a copy on PYTHONPATH): helixflow/__init__ reads its version from the installed metadata, and
+# the profile schema is package data. Its own layer, after Airflow's, so code changes rebuild little.
+COPY pyproject.toml README.md /opt/helixflow/
+COPY src /opt/helixflow/src
+RUN set -eu; \
+    . /opt/pip-sources.sh; \
+    pip install --no-deps /opt/helixflow; \
+    rm -rf /tmp/host-ca.crt /opt/helixflow; \
+    python -c "import helixflow.profiles, helixflow.steps"
 
 COPY airflow/dags /opt/airflow/dags
 COPY airflow/plugins /opt/airflow/plugins

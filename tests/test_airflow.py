@@ -272,7 +272,7 @@ def test_local_execution_runs_the_same_stages_without_docker(tmp_path):
 
 def test_slurm_param_hands_the_stage_to_a_slurm_profile():
     require_airflow()
-    code = ("import json, sys; sys.path.insert(0, 'airflow/dags'); import helixflow as dag; "
+    code = ("import json, sys; sys.path.insert(0, 'airflow/dags'); import helixflow_dag as dag; "
             "params = {'input': 'a.h5ad', 'model': 'tiny', 'run_name': '', 'workflow_profile': 'slurm'}; "
             "print(json.dumps(dag.stage_command(params, 'embed', '/data', '/results', '/data/models', 2)))")
     done = subprocess.run([AIRFLOW_VENV / "bin" / "python", "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True)
@@ -293,7 +293,7 @@ def test_stage_containers_drop_privileges_and_see_only_their_run(tmp_path):
 import json, sys, types
 sys.path.insert(0, 'airflow/dags')
 import docker
-import helixflow as dag
+import helixflow_dag as dag
 params = {'input': 'a/x.h5ad', 'model': 'tiny', 'run_name': 'a-x'}
 binds = dag.stage_binds(params)
 dag.make_results_folders(binds)

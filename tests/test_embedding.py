@@ -10,7 +10,8 @@ import scipy.sparse as sp
 import torch
 
 from helixflow.embedding import EMBEDDING_KEY, embed_tokens, gather_embeddings, load_encoder
-from helixflow.model_files import helical_geneformer, model_facts
+from helixflow.geneformer_models import model_facts
+from helixflow.model_files import helical_geneformer
 from helixflow.tokenization import open_tokens, tokenize_chunk
 from test_split import mixed_obs
 

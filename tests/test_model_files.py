@@ -17,9 +17,9 @@ import pytest
 from conftest import PROJECT_DIR
 from helixflow.cli import main
 from helixflow.errors import HelixflowError
+from helixflow.geneformer_models import GENEFORMER_MODELS
 from helixflow.model_files import (
     DICTIONARY_VALUE_KINDS,
-    GENEFORMER_MODELS,
     ModelFiles,
     helical_geneformer,
     stage_architecture,

@@ -7,8 +7,9 @@ import yaml
 
 from helixflow import cli
 from helixflow.errors import HelixflowError
-from helixflow.model_files import GENEFORMER_MODELS
-from helixflow.profiles import DEFAULT_PROFILES_DIR, STEP_KIND, list_profiles, load_profile, step_resources
+from helixflow.geneformer_models import GENEFORMER_MODELS
+from helixflow.profiles import DEFAULT_PROFILES_DIR, list_profiles, load_profile, step_resources
+from helixflow.steps import STEPS
 
 GPU_PROFILE = {"name": "big", "model_name": "gf-12L-104M-i4096", "device": "cuda", "precision": "bf16", "threads": 16,
                "gpu": {"count": 2, "model": "a100", "memory_mb": 80000},
@@ -65,7 +66,7 @@ def test_memory_grows_with_the_dataset_only_for_the_steps_that_need_it(tmp_path)
     assert step_resources(profile, "evaluate", n_cells=10_000_000)["mem_mb"] == 32000 + 500
     assert step_resources(profile, "validate_input", n_cells=10_000_000)["mem_mb"] == profile["memory_mb"]["light"] + 300
     for bounded in ("gather", "label_split", "annotate", "split", "embed"):
-        assert step_resources(profile, bounded, n_cells=10_000_000)["mem_mb"] == profile["memory_mb"][STEP_KIND.get(bounded, "light")]
+        assert step_resources(profile, bounded, n_cells=10_000_000)["mem_mb"] == profile["memory_mb"][STEPS[bounded].kind]
 
 
 def test_cpu_profile_asks_for_no_gpu_and_at_least_a_minute():
@@ -131,8 +132,7 @@ def test_profile_show_prints_what_tiny_resolves_to(capsys):
     assert shown["name"] == "tiny" and shown["model_name"] == "gf-6L-10M-i2048"
     assert shown["train"]["zero_stage"] == 2 and shown["train"]["offload_optimizer"] == "cpu"
     resources = shown["snakemake_resources"]
-    assert set(resources) == {"validate_input", "split", "tokenize", "embed", "gather", "label_split", "finetune",
-                              "evaluate", "annotate"}
+    assert list(resources) == list(STEPS)
     # Whole-dataset steps for a million cells, per-chunk steps for a chunk of 10,000.
     assert resources["finetune"] == {"threads": 2, "mem_mb": 4100, "runtime": 2000}
     assert resources["evaluate"] == {"threads": 2, "mem_mb": 2050, "runtime": 500}

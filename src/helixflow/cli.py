@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -17,20 +18,20 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from helixflow.errors import HelixflowError
+from helixflow.object_storage import DEFAULT_CACHE_DIR, DEFAULT_CACHE_MAX_GB, is_s3_url, path_or_s3_url
 from helixflow.profiles import PROJECT_DIR
 from helixflow.run_lock import LOCK_ENV, RunLock, clear_stale_snakemake_locks
 from helixflow.step_logs import report_failed_step
+from helixflow.steps import FINAL_STAGE, stages, until_rules
 
 SNAKEFILE = PROJECT_DIR / "workflow" / "Snakefile"
 DEFAULT_CONFIG = PROJECT_DIR / "config" / "config.yaml"
-# --until STEP: the last rule of each user-facing step.
 WORKFLOW_PROFILES = sorted(p.name for p in (PROJECT_DIR / "workflow" / "profiles").iterdir() if p.is_dir())
 # SIGTERM/SIGINT of `helixflow run`: how long snakemake gets to end its jobs before all are killed.
 STOP_TIMEOUT_S = 30.0
 STOP_SIGNALS = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGINT: "SIGINT"}
-UNTIL_RULES = {"stage": "stage_model", "validate": "validate_input", "split": "split",
-               "tokenize": "tokenize", "embed": "gather", "label_split": "label_split", "finetune": "finetune",
-               "evaluate": "evaluate", "annotate": "annotate"}
+# --until STAGE: the last rule of each user-facing stage.
+UNTIL_RULES = until_rules()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Run validate -> split -> tokenize -> embed (-> fine-tune -> evaluate) -> report on INPUT with snakemake. Reruns resume: "
         "finished jobs are kept, interrupted ones are redone. Options after a bare '--' go to snakemake "
         "as they are, e.g. '-- --executor slurm --jobs 50'."))
-    run.add_argument("input", type=Path, help="the .h5ad dataset (raw counts, never modified)")
+    run.add_argument("input", type=path_or_s3_url, help="the .h5ad dataset (raw counts, never modified), or s3://BUCKET/KEY")
     run.add_argument("--model", default="tiny", help="model resource profile (see 'helixflow profile list'); default: tiny")
-    run.add_argument("--out", type=Path, default=Path("results/run"), help="output folder; default: results/run")
-    run.add_argument("--until", choices=[*UNTIL_RULES, "report"], default="report",
+    run.add_argument("--out", type=path_or_s3_url, default=Path("results/run"),
+                     help="output folder, or s3://BUCKET/PREFIX to upload the results to; default: results/run")
+    run.add_argument("--until", choices=stages(), default=FINAL_STAGE,
                      help="last step to run; default: report (everything)")
     run.add_argument("--cores", type=int, default=os.cpu_count(), help="CPU cores snakemake may use; default: all")
     run.add_argument("--chunk-size", type=int, help="cells per chunk (one job each); default from the config")
@@ -108,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT_S, metavar="SECONDS",
                      help="after SIGTERM or Ctrl-C, how long running jobs get to end before they are killed; "
                           f"default: {STOP_TIMEOUT_S:.0f}")
+    # Object storage (helixflow.object_storage): an s3:// input is staged into a local cache; results go up after the run.
+    run.add_argument("--s3-cache", type=Path, default=DEFAULT_CACHE_DIR, metavar="DIR", help=f"cache of staged s3:// inputs; default: {DEFAULT_CACHE_DIR}")
+    run.add_argument("--s3-cache-max-gb", type=float, default=DEFAULT_CACHE_MAX_GB, metavar="GB",
+                     help=f"size limit of --s3-cache (least recently used inputs go first); default: {DEFAULT_CACHE_MAX_GB:g}")
+    run.add_argument("--s3-work-dir", type=Path, metavar="DIR", help="local folder the run writes before its results are uploaded "
+                     "to an s3:// --out; default: results/s3/BUCKET/PREFIX")
     run.set_defaults(handler=cmd_run)
 
     info = commands.add_parser("info", help="versions, device and model metadata", description=(
@@ -315,6 +323,8 @@ def cmd_run(args) -> int:
     from helixflow.local_resources import jobs_memory_mb
     from helixflow.profiles import load_profile
 
+    if is_s3_url(args.input) or is_s3_url(args.out):
+        return _run_on_object_storage(args)
     # Check what snakemake would otherwise report inside a traceback.
     layout = inspect_h5ad(args.input, args.counts_source or "auto")
     if args.until == "annotate" and not args.annotate:
@@ -348,7 +358,7 @@ def cmd_run(args) -> int:
         override.write("finetune:\n  enabled: false\n")
         override.close()
         command[command.index("--configfile") + 1 : command.index("--configfile") + 2] = [str(args.configfile), override.name]
-    if args.until != "report":
+    if args.until != FINAL_STAGE:
         command += ["--until", UNTIL_RULES[args.until]]
     if args.dry_run:
         command.append("--dry-run")
@@ -370,6 +380,31 @@ def cmd_run(args) -> int:
             os.unlink(override.name)
 
 
+def _run_on_object_storage(args) -> int:
+    """``helixflow run`` with an s3:// input or --out: the workflow runs on local copies, then the results go up."""
+    from helixflow.object_storage import parse_s3_url, stage_input, upload_results
+    from helixflow.run_lock import LOCK_NAME
+
+    storage_log = logging.getLogger("helixflow.object_storage")  # cache hits, downloads, verification
+    storage_log.setLevel(logging.INFO)
+    if not storage_log.handlers:
+        storage_log.addHandler(logging.StreamHandler())
+        storage_log.handlers[0].setFormatter(logging.Formatter("helixflow: %(message)s"))
+    results_url = str(args.out) if is_s3_url(args.out) else None
+    if results_url:
+        address = parse_s3_url(results_url)
+        args.out = args.s3_work_dir or Path("results", "s3", address.bucket, address.key)
+    with contextlib.ExitStack() as staged:
+        if is_s3_url(args.input):
+            args.input = staged.enter_context(stage_input(args.input, args.s3_cache,
+                                                          max_cache_bytes=int(args.s3_cache_max_gb * 1e9)))
+        returncode = cmd_run(args)
+    if returncode == 0 and results_url and not args.dry_run:
+        manifest = upload_results(args.out, results_url, skip=frozenset({LOCK_NAME}))
+        print(f"helixflow: uploaded {len(manifest['files'])} files to {results_url} (manifest last: _SUCCESS)", file=sys.stderr)
+    return returncode
+
+
 def _run_snakemake(command: list[str], config: list[str], args, environment_path: Path, lock: RunLock | None = None) -> int:
     """Run the workflow, then its HTML report; print where the results are."""
     started = time.monotonic()
@@ -388,15 +423,15 @@ def _run_snakemake(command: list[str], config: list[str], args, environment_path
         return returncode
     if args.dry_run:
         return 0
-    if args.until == "report":
+    if args.until == FINAL_STAGE:
         report = args.out / "report.html"
         subprocess.run([*command[: command.index("--cores")], "--config", *config, "--report", str(report)],
                        check=True, capture_output=True, env=environment)
         print(f"helixflow: report:     {report}")
-    if args.until in ("embed", "report"):
+    if args.until in ("embed", FINAL_STAGE):
         print(f"helixflow: embeddings: {args.out / 'embeddings' / 'embeddings.h5ad'} (obsm['X_geneformer'])")
     metrics_path = args.out / "evaluate" / "metrics.json"
-    if args.until in ("evaluate", "report") and metrics_path.is_file():
+    if args.until in ("evaluate", FINAL_STAGE) and metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
         print(f"helixflow: fine-tuned: {args.out / 'finetune' / 'model'}: held-out accuracy "
               f"{metrics['fine_tuned']['accuracy']:.3f}, macro-F1 {metrics['fine_tuned']['macro_f1']:.3f} "
@@ -538,12 +573,13 @@ def cmd_model_stage(args) -> int:
 def cmd_profile_show(args) -> int:
     import yaml
 
-    from helixflow.profiles import WHOLE_DATASET_STEPS, load_profile, step_resources
+    from helixflow.profiles import load_profile, step_resources
+    from helixflow.steps import STEPS
 
     profile = load_profile(args.name, args.profiles_dir)
-    steps = ("validate_input", "split", "tokenize", "embed", "gather", "label_split", "finetune", "evaluate", "annotate")
     shown = dict(profile, snakemake_resources={
-        step: step_resources(profile, step, args.dataset_cells if step in WHOLE_DATASET_STEPS else args.cells) for step in steps})
+        name: step_resources(profile, name, args.dataset_cells if step.sized_by == "dataset" else args.cells)
+        for name, step in STEPS.items()})
     print(yaml.safe_dump(shown, sort_keys=False), end="")
     return 0
 

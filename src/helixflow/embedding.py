@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from helixflow.errors import HelixflowError
 from helixflow.h5ad import append_obs, write_empty_matrix, write_growable_obs
-from helixflow.model_files import ModelFiles, model_facts
+from helixflow.geneformer_models import model_facts
+from helixflow.model_files import ModelFiles
 from helixflow.outputs import atomic_path
 from helixflow.tokenization import open_tokens
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 # Left for snakemake itself and the system; an Airflow stage container gets its step's budget
-# plus this much (airflow/dags/helixflow.py, stage_limits), so the step's jobs fit exactly.
+# plus this much (airflow/dags/helixflow_dag.py, stage_limits), so the step's jobs fit exactly.
 SNAKEMAKE_RESERVE_MB = 1024
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 

@@ -25,22 +25,9 @@ import numpy as np
 
 from helixflow import synthetic
 from helixflow.errors import HelixflowError
+from helixflow.geneformer_models import model_facts
 from helixflow.outputs import atomic_path
 from helixflow.safe_pickle import load_plain_dict
-
-# Mirrors helical 2.2.0 GeneformerConfig.model_map (a test keeps the two in step): the version
-# folder, the model's input size and whether cells carry <cls>/<eos> tokens.
-GENEFORMER_MODELS: dict[str, dict] = {
-    "gf-6L-10M-i2048": {"version": "v1", "input_size": 2048, "special_tokens": False},
-    "gf-12L-40M-i2048": {"version": "v1", "input_size": 2048, "special_tokens": False},
-    "gf-12L-40M-i2048-CZI-CellxGene": {"version": "v1", "input_size": 2048, "special_tokens": False},
-    "gf-12L-38M-i4096": {"version": "v2", "input_size": 4096, "special_tokens": True},
-    "gf-12L-38M-i4096-CLcancer": {"version": "v2", "input_size": 4096, "special_tokens": True},
-    "gf-20L-151M-i4096": {"version": "v2", "input_size": 4096, "special_tokens": True},
-    "gf-12L-104M-i4096": {"version": "v3", "input_size": 4096, "special_tokens": True},
-    "gf-12L-104M-i4096-CLcancer": {"version": "v3", "input_size": 4096, "special_tokens": True},
-    "gf-18L-316M-i4096": {"version": "v3", "input_size": 4096, "special_tokens": True},
-}
 
 HELICAL_BUCKET_URL = "https://helicalpackage.s3.eu-west-2.amazonaws.com"
 ARCHITECTURES_DIR = Path(__file__).resolve().parents[2] / "config" / "architectures"
@@ -48,15 +35,6 @@ DICTIONARY_FILES = ("token_dictionary.pkl", "gene_median_dictionary.pkl", "ensem
 # What each dictionary maps gene ids (and special tokens, symbols) to: token ids, median
 # expression, current Ensembl ids.
 DICTIONARY_VALUE_KINDS = dict(zip(DICTIONARY_FILES, ("integer", "number", "string")))
-
-
-def model_facts(model_name: str) -> dict:
-    """Return version, input size and special-token use of a helical Geneformer model."""
-    try:
-        return GENEFORMER_MODELS[model_name]
-    except KeyError:
-        known = ", ".join(GENEFORMER_MODELS)
-        raise HelixflowError(model_name, f"not a helical Geneformer model; known models: {known}") from None
 
 
 @dataclass(frozen=True)

@@ -8,20 +8,22 @@ local runs, containers and the SLURM executor all read.
 from __future__ import annotations
 
 import math
+import re
+from importlib.resources import files
 from pathlib import Path
 
 import jsonschema
 import yaml
 
 from helixflow.errors import HelixflowError
-from helixflow.model_files import model_facts
+from helixflow.geneformer_models import model_facts
+from helixflow.steps import STEPS
 
+# Kept light (no model stack): the Airflow DAG loads profiles with this module.
 PROJECT_DIR = Path(__file__).resolve().parents[2]
-PROFILE_SCHEMA = PROJECT_DIR / "workflow" / "schemas" / "profile.schema.yaml"
+# Package data, so that a non-editable install (the Airflow image) finds it too.
+PROFILE_SCHEMA = files("helixflow") / "profile.schema.yaml"
 DEFAULT_PROFILES_DIR = PROJECT_DIR / "config" / "profiles"
-STEP_KIND = {"finetune": "finetune", "embed": "embed", "evaluate": "embed", "annotate": "embed"}  # other steps are "light"
-# Steps that read the whole dataset, whose runtime (and, where the profile says so, memory) follow its cells.
-WHOLE_DATASET_STEPS = ("validate_input", "gather", "label_split", "finetune", "evaluate", "annotate")
 
 
 def _validator_with_defaults(schema: dict) -> jsonschema.protocols.Validator:
@@ -49,7 +51,8 @@ def load_profile(name: str, profiles_dir: str | Path | None = None) -> dict:
     """
     profiles_dir = Path(profiles_dir or DEFAULT_PROFILES_DIR)
     path = profiles_dir / f"{name}.yaml"
-    if not path.is_file():
+    # A name is a file name in profiles_dir, never a path out of it (the DAG's form passes user input).
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith(".") or not path.is_file():
         known = ", ".join(sorted(p.stem for p in profiles_dir.glob("*.yaml"))) or "none"
         raise HelixflowError(path, f"unknown model profile '{name}'; profiles in {profiles_dir}: {known}")
     try:
@@ -98,9 +101,14 @@ def list_profiles(profiles_dir: str | Path | None = None) -> list[str]:
     return sorted(p.stem for p in Path(profiles_dir or DEFAULT_PROFILES_DIR).glob("*.yaml"))
 
 
+def uses_gpu(profile: dict, step: str) -> bool:
+    """Whether ``step`` runs on the GPU with ``profile``: a GPU step of a profile with GPUs."""
+    return STEPS[step].gpu and profile["gpu"]["count"] > 0
+
+
 def step_resources(profile: dict, step: str, n_cells: int = 10_000) -> dict:
     """Snakemake ``threads`` and ``resources`` of one step for ``n_cells`` (a chunk's, or for a
-    whole-dataset step, the dataset's).
+    step sized by the dataset, the dataset's; see ``helixflow.steps``).
 
     Memory is the profile's ``memory_mb`` of the step's kind, plus, for the steps listed in
     ``memory_mb_per_million_cells``, that much per million of ``n_cells``.
@@ -111,15 +119,14 @@ def step_resources(profile: dict, step: str, n_cells: int = 10_000) -> dict:
         ``threads``, ``mem_mb``, ``runtime`` (minutes), and for GPU steps ``gpu`` and
         ``gpu_model`` (the resource names the SLURM executor turns into ``--gpus``).
     """
-    kind = STEP_KIND.get(step, "light")
-    uses_gpu = kind != "light" and profile["gpu"]["count"] > 0
+    kind = STEPS[step].kind
     per_million = profile["memory_mb_per_million_cells"].get(step, 0)
     resources = {
         "threads": profile["threads"] if kind != "light" else min(profile["threads"], 2),
         "mem_mb": profile["memory_mb"][kind] + math.ceil(per_million * n_cells / 1_000_000),
         "runtime": max(1, math.ceil(profile["runtime_min_per_10k_cells"][kind] * n_cells / 10_000)),
     }
-    if uses_gpu:
+    if uses_gpu(profile, step):
         resources["gpu"] = profile["gpu"]["count"]
         if profile["gpu"]["model"]:
             resources["gpu_model"] = profile["gpu"]["model"]

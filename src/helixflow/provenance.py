@@ -28,7 +28,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from helixflow.errors import HelixflowError
-from helixflow.model_files import DICTIONARY_FILES, ModelFiles, model_facts
+from helixflow.geneformer_models import model_facts
+from helixflow.model_files import DICTIONARY_FILES, ModelFiles
 
 CHECKSUM_CACHE_ENV = "HELIXFLOW_MODEL_CHECKSUMS"
 # Packages recorded in every provenance record (helical: the reference implementation and the

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from helixflow.errors import HelixflowError
 from helixflow.h5ad import inspect_h5ad, iter_row_blocks, read_obs_rows, read_var
-from helixflow.model_files import ModelFiles, model_facts
+from helixflow.geneformer_models import model_facts
+from helixflow.model_files import ModelFiles
 from helixflow.outputs import atomic_path
 
 TARGET_SUM = 10_000.0

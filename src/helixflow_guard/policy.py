@@ -283,7 +283,7 @@ def _network_mode(policy: Policy, value: object, where: str) -> None:
                   f"one of: {allowed} (host, container:... and other modes share one)")
 
 
-# A run's own folder in a writable helixflow folder: the DAG's run names (airflow/dags/helixflow.py).
+# A run's own folder in a writable helixflow folder: the DAG's run names (airflow/dags/helixflow_dag.py).
 RUN_FOLDER_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from helixflow.h5ad import chunk_bounds, inspect_h5ad, obs_has_column
 from helixflow.metrics import push_workflow
-from helixflow.model_files import ModelFiles, model_facts
-from helixflow.profiles import load_profile, step_resources
+from helixflow.model_files import ModelFiles
+from helixflow.profiles import load_profile, step_resources, uses_gpu
 from helixflow.provenance import step_fingerprint
+from helixflow.steps import STEPS
 
 OUTDIR = config["outdir"].rstrip("/")
 PROFILE = load_profile(config["model"], config["profiles_dir"])
@@ -81,16 +82,39 @@ wildcard_constraints:
     chunk=r"chunk-\d{5}",
 
 
-def resources_of(step, cells=config["chunk_size"]):
-    """Snakemake threads/resources of a step, from the model profile.
+# A SLURM workflow profile names its GPU partition as default-resources: slurm_gpu_partition
+# (its raw text: a partition name); GPU steps go there, the others to its slurm_partition.
+DEFAULT_RESOURCES = workflow.resource_settings.default_resources
+GPU_PARTITION = (
+    DEFAULT_RESOURCES.get("slurm_gpu_partition").raw if DEFAULT_RESOURCES else None
+)
 
+
+def resources_of(step, dataset_cells=LAYOUT.n_cells):
+    """Snakemake resources of a step (its threads: threads_of), from the model profile.
+
+    The step's entry in helixflow.steps says what it is sized by: a chunk, or ``dataset_cells``.
     mem_mb and runtime grow with the attempt: the profile's values first, twice those on the
     first retry (--retries, e.g. after an out-of-memory kill or a SLURM time limit), and so on.
     """
-    resources = step_resources(PROFILE, step, min(cells, LAYOUT.n_cells))
+    cells = dataset_cells if STEPS[step].sized_by == "dataset" else config["chunk_size"]
+    resources = step_resources(PROFILE, step, min(cells, dataset_cells))
+    del resources["threads"]
     resources["mem_mb"] = memory_by_attempt(resources["mem_mb"])
     resources["runtime"] = by_attempt(resources["runtime"])
+    if GPU_PARTITION and uses_gpu(PROFILE, step):
+        resources["slurm_partition"] = GPU_PARTITION
     return resources
+
+
+def threads_of(step):
+    """Snakemake threads of a step, from the model profile."""
+    return step_resources(PROFILE, step)["threads"]
+
+
+def container_of(step):
+    """The image a step runs in: the GPU one for a GPU step of a profile with GPUs."""
+    return config["containers"]["gpu" if uses_gpu(PROFILE, step) else "cpu"]
 
 
 # --resources mem_mb (helixflow run: this machine's memory): local jobs run side by side within

@@ -12,10 +12,10 @@ rule embed:
     conda:
         "../../envs/helixflow-torch.yaml"
     container:
-        config["containers"]["gpu" if PROFILE["gpu"]["count"] else "cpu"]
-    threads: resources_of("embed")["threads"]
+        container_of("embed")
+    threads: threads_of("embed")
     resources:
-        **{k: v for k, v in resources_of("embed").items() if k != "threads"},
+        **resources_of("embed"),
     params:
         provenance=provenance_of("embed"),
         model=MODEL_ARGS,
@@ -35,11 +35,10 @@ rule gather:
     conda:
         "../../envs/helixflow.yaml"
     container:
-        config["containers"]["cpu"]
-    threads: resources_of("gather")["threads"]
+        container_of("gather")
+    threads: threads_of("gather")
     resources:
-        mem_mb=resources_of("gather")["mem_mb"],
-        runtime=resources_of("gather", LAYOUT.n_cells)["runtime"],
+        **resources_of("gather"),
     params:
         provenance=provenance_of("gather"),
         profile=PROFILE["name"],

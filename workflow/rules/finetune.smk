@@ -24,11 +24,10 @@ rule label_split:
     conda:
         "../../envs/helixflow.yaml"
     container:
-        config["containers"]["cpu"]
-    threads: resources_of("label_split")["threads"]
+        container_of("label_split")
+    threads: threads_of("label_split")
     resources:
-        mem_mb=resources_of("label_split")["mem_mb"],
-        runtime=resources_of("label_split", LAYOUT.n_cells)["runtime"],
+        **resources_of("label_split"),
     params:
         provenance=provenance_of("label_split"),
         label=config["label_column"],
@@ -56,14 +55,10 @@ rule finetune:
     conda:
         "../../envs/helixflow-torch.yaml"
     container:
-        config["containers"]["gpu" if PROFILE["gpu"]["count"] else "cpu"]
-    threads: resources_of("finetune")["threads"]
+        container_of("finetune")
+    threads: threads_of("finetune")
     resources:
-        **{
-            k: v
-            for k, v in resources_of("finetune", LAYOUT.n_cells).items()
-            if k != "threads"
-        },
+        **resources_of("finetune"),
     params:
         provenance=provenance_of("finetune"),
         model=MODEL_ARGS,
@@ -115,14 +110,10 @@ rule evaluate:
     conda:
         "../../envs/helixflow-torch.yaml"
     container:
-        config["containers"]["gpu" if PROFILE["gpu"]["count"] else "cpu"]
-    threads: resources_of("evaluate")["threads"]
+        container_of("evaluate")
+    threads: threads_of("evaluate")
     resources:
-        **{
-            k: v
-            for k, v in resources_of("evaluate", LAYOUT.n_cells).items()
-            if k != "threads"
-        },
+        **resources_of("evaluate"),
     params:
         provenance=provenance_of("evaluate"),
         out_dir=lambda wildcards, output: Path(output.metrics).parent,
@@ -148,16 +139,10 @@ if ANNOTATE_INPUT:
         conda:
             "../../envs/helixflow-torch.yaml"
         container:
-            config["containers"]["gpu" if PROFILE["gpu"]["count"] else "cpu"]
-        threads: resources_of("annotate")["threads"]
+            container_of("annotate")
+        threads: threads_of("annotate")
         resources:
-            **{
-                k: v
-                for k, v in step_resources(
-                    PROFILE, "annotate", inspect_h5ad(ANNOTATE_INPUT).n_cells
-                ).items()
-                if k != "threads"
-            },
+            **resources_of("annotate", inspect_h5ad(ANNOTATE_INPUT).n_cells),
         params:
             provenance=provenance_of("annotate"),
             inference=INFERENCE_ARGS,

@@ -10,11 +10,10 @@ if not MODEL_STAGED:
         conda:
             "../../envs/helixflow.yaml"
         container:
-            config["containers"]["cpu"]
-        threads: resources_of("stage_model")["threads"]
+            container_of("stage_model")
+        threads: threads_of("stage_model")
         resources:
-            mem_mb=resources_of("stage_model")["mem_mb"],
-            runtime=resources_of("stage_model")["runtime"],
+            **resources_of("stage_model"),
         params:
             model=MODEL_ARGS,
         shell:

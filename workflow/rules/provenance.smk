@@ -10,11 +10,10 @@ rule software_versions:
     conda:
         "../../envs/helixflow.yaml"
     container:
-        config["containers"]["cpu"]
+        container_of("software_versions")
     threads: 1
     resources:
-        mem_mb=resources_of("pipeline_info")["mem_mb"],
-        runtime=resources_of("pipeline_info")["runtime"],
+        **resources_of("software_versions"),
     params:
         # This snakemake process's versions: the workflow's, wherever its jobs run.
         workflow=lambda wildcards: step_fingerprint("workflow", MODEL_FILES),

@@ -15,11 +15,10 @@ rule plot_embeddings:
     conda:
         "../../envs/helixflow.yaml"
     container:
-        config["containers"]["cpu"]
-    threads: resources_of("plot_embeddings")["threads"]
+        container_of("plot_embeddings")
+    threads: threads_of("plot_embeddings")
     resources:
-        mem_mb=resources_of("plot_embeddings")["mem_mb"],
-        runtime=resources_of("plot_embeddings")["runtime"],
+        **resources_of("plot_embeddings"),
     params:
         provenance=provenance_of("plot_embeddings"),
         # Without labels the map is coloured by clusters of the embeddings.
@@ -50,11 +49,10 @@ rule pipeline_info:
     conda:
         "../../envs/helixflow.yaml"
     container:
-        config["containers"]["cpu"]
+        container_of("pipeline_info")
     threads: 1
     resources:
-        mem_mb=resources_of("pipeline_info")["mem_mb"],
-        runtime=resources_of("pipeline_info")["runtime"],
+        **resources_of("pipeline_info"),
     params:
         benchmarks=f"{OUTDIR}/benchmarks",
         step_metrics=STEP_METRICS_DIR,

@@ -13,11 +13,10 @@ rule validate_input:
     conda:
         "../../envs/helixflow.yaml"
     container:
-        config["containers"]["cpu"]
-    threads: resources_of("validate_input")["threads"]
+        container_of("validate_input")
+    threads: threads_of("validate_input")
     resources:
-        mem_mb=resources_of("validate_input", LAYOUT.n_cells)["mem_mb"],
-        runtime=resources_of("validate_input", LAYOUT.n_cells)["runtime"],
+        **resources_of("validate_input"),
     params:
         provenance=provenance_of("validate_input"),
         model=MODEL_ARGS,
@@ -51,11 +50,10 @@ rule split:
     conda:
         "../../envs/helixflow.yaml"
     container:
-        config["containers"]["cpu"]
-    threads: resources_of("split")["threads"]
+        container_of("split")
+    threads: threads_of("split")
     resources:
-        mem_mb=resources_of("split")["mem_mb"],
-        runtime=resources_of("split")["runtime"],
+        **resources_of("split"),
     params:
         provenance=provenance_of("split"),
         start=lambda wildcards: CHUNK_BOUNDS[wildcards.chunk][0],

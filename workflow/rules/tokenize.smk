@@ -11,11 +11,10 @@ rule tokenize:
     conda:
         "../../envs/helixflow.yaml"
     container:
-        config["containers"]["cpu"]
-    threads: resources_of("tokenize")["threads"]
+        container_of("tokenize")
+    threads: threads_of("tokenize")
     resources:
-        mem_mb=resources_of("tokenize")["mem_mb"],
-        runtime=resources_of("tokenize")["runtime"],
+        **resources_of("tokenize"),
     params:
         provenance=provenance_of("tokenize"),
         model=MODEL_ARGS,

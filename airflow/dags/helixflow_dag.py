@@ -47,16 +47,19 @@ from datetime import timedelta
 from pathlib import Path
 
 import pendulum
-import yaml
 from airflow.sdk import DAG, Param, task
 from airflow.sdk.exceptions import AirflowSkipException
+# helixflow's light modules (no model stack; installed in the Airflow image): the step table and
+# the profiles, as the workflow itself reads them.
+from helixflow.local_resources import SNAKEMAKE_RESERVE_MB
+from helixflow.profiles import list_profiles, load_profile, step_resources
+from helixflow.steps import stage_steps, stages
 
-STAGES = ["stage", "validate", "split", "tokenize", "embed", "label_split", "finetune", "evaluate", "annotate", "report"]
+STAGES = stages()
 # The fine-tuning stages; the report (the whole workflow) includes their results when they run.
 FINETUNE_STAGES = ["label_split", "finetune", "evaluate", "annotate"]
-# As helixflow.profiles.STEP_KIND (the Airflow image has no helixflow): the others are light.
-STAGE_KIND = {"embed": "embed", "finetune": "finetune", "evaluate": "embed", "annotate": "embed"}
-GPU_STAGES = set(STAGE_KIND)  # on the GPU image, with the profile's GPUs, in the GPU pool
+# On the GPU image, with the profile's GPUs, in the GPU pool: the stages with a GPU step.
+GPU_STAGES = {stage for stage in STAGES if any(step.gpu for step in stage_steps(stage))}
 WORKFLOW_PROFILES = ["default", "slurm", "slurm-gpu", "slurm-apptainer"]
 
 EXECUTION = os.environ.get("HELIXFLOW_EXECUTION", "docker")
@@ -79,28 +82,22 @@ DEFAULT_ARGS = {
 
 
 def read_profile(name: str) -> dict:
-    """The model profile's resource fields, with the schema's defaults (no model stack needed)."""
-    path = PROFILES_DIR / f"{name}.yaml"
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or not path.is_file():
-        raise ValueError(f"unknown model profile {name!r}; profiles in {PROFILES_DIR}: {', '.join(profile_names())}")
-    profile = yaml.safe_load(path.read_text()) or {}
-    gpu = {"count": 0, **(profile.get("gpu") or {})}
-    memory = {"light": 2000, "embed": 4000, "finetune": 8000, **(profile.get("memory_mb") or {})}
-    return {"name": name, "threads": int(profile.get("threads", 2)), "gpu": gpu, "memory_mb": memory}
+    """The model profile ``name`` from PROFILES_DIR, checked and completed as the workflow reads it."""
+    return load_profile(name, PROFILES_DIR)
 
 
 def profile_names() -> list[str]:
-    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")) or ["tiny"]
+    """The form's choices of model profile (a choice list may not be empty)."""
+    return list_profiles(PROFILES_DIR) or ["tiny"]
 
 
 def stage_limits(profile: dict, stage: str) -> dict:
-    """Container limits of one stage: memory, CPUs, shared memory, GPUs (as the workflow's resources)."""
-    kind = STAGE_KIND.get(stage, "light")
-    threads = profile["threads"] if kind != "light" else min(profile["threads"], 2)
-    gpus = profile["gpu"]["count"] if stage in GPU_STAGES else 0
-    memory_mb = profile["memory_mb"][kind]
+    """Container limits of one stage: memory, CPUs, shared memory, GPUs (its heaviest step's resources)."""
+    steps = [step_resources(profile, step.name) for step in stage_steps(stage)]
+    memory_mb = max(step["mem_mb"] for step in steps)
     # The step's own budget plus room for snakemake itself; shm for torch's data loaders.
-    return {"mem_mb": memory_mb + 1024, "cpus": threads, "shm_mb": max(256, memory_mb // 4), "gpus": gpus}
+    return {"mem_mb": memory_mb + SNAKEMAKE_RESERVE_MB, "cpus": max(step["threads"] for step in steps),
+            "shm_mb": max(256, memory_mb // 4), "gpus": max(step.get("gpu", 0) for step in steps)}
 
 
 def stage_environment() -> dict:
