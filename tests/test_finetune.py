@@ -26,7 +26,7 @@ from helixflow.demo_data import make_demo_dataset
 from helixflow.embedding import embed_chunk, gather_embeddings
 from helixflow.errors import HelixflowError
 from helixflow.evaluate import OUTPUT_FILES, classification_metrics, confusion_counts, evaluate
-from helixflow.finetune import finetune
+from helixflow.finetune import EarlyStopping, finetune
 from helixflow.h5ad import chunk_bounds
 from helixflow.label_split import VALIDATION, read_label_split, write_label_split
 from helixflow.profiles import load_profile
@@ -129,6 +129,54 @@ def test_mlflow_run_holds_params_metrics_and_model(labelled, zero2_model):
     assert {"model/config.json", "model/model.safetensors", "model/helixflow.json"} <= artifacts
 
 
+def validation_scores(model_dir: Path, labelled) -> dict:
+    """Validation loss and accuracy of a saved classifier, computed here as the training loop does."""
+    split = read_label_split(labelled.split)
+    labels = FineTunedModel.open(model_dir).metadata["labels"]
+    cells = LabelledCells.from_split(split[split["split"] == VALIDATION], labels, TokenStore(labelled.tokens))
+    model = FineTunedModel.open(model_dir).load_model(torch.device("cpu"))
+    probabilities = predict_proba(model, cells.fetch, cells.lengths, len(labels), 16, torch.device("cpu"))
+    chosen = probabilities[np.arange(len(cells)), cells.targets]
+    return {"validation_loss": float(-np.log(chosen).mean()),
+            "validation_accuracy": float((probabilities.argmax(axis=1) == cells.targets).mean())}
+
+
+def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience(labelled, tiny_v1):
+    """A learning rate far too high: validation loss soon gets worse, training stops and the best epoch is saved."""
+    profile = user_profile(labelled.root / "profiles", "overshoot", learning_rate=0.05, epochs=4, patience=1)
+    out = labelled.root / "overshoot"
+    summary = finetune(labelled.split, labelled.tokens, tiny_v1, profile, out / "model", out / "log.tsv",
+                       out / "checkpoints", tracking_uri=out / "mlruns")
+    validations = pd.read_csv(out / "log.tsv", sep="\t").dropna(subset=["validation_loss"]).reset_index(drop=True)
+    best = int(validations["validation_loss"].idxmin())  # idxmin: the first of equal values, as training keeps
+    assert len(validations) == best + 1 + 1 < 4  # stopped after one epoch without improvement
+    assert summary["stop_reason"].startswith("stopped early: validation_loss not better")
+    assert validations["kept"].tolist() == [index == best for index in range(len(validations))]
+    kept = validations.loc[best]
+    assert summary["kept"]["epoch"] == kept["epoch"]
+    assert summary["validation_accuracy"] == pytest.approx(kept["validation_accuracy"])
+    assert FineTunedModel.open(out / "model").metadata["kept"] == summary["kept"]
+    reloaded = validation_scores(out / "model", labelled)  # the saved weights are the kept epoch's, not the last
+    assert reloaded["validation_accuracy"] == pytest.approx(kept["validation_accuracy"])
+    assert reloaded["validation_loss"] == pytest.approx(kept["validation_loss"], rel=1e-4)
+    assert reloaded["validation_loss"] != pytest.approx(validations["validation_loss"].iloc[-1], rel=1e-3)
+
+
+@pytest.mark.parametrize(("metric", "value", "improves"), [
+    ("validation_loss", 0.50, False),  # a tie keeps the earlier epoch
+    ("validation_loss", 0.495, False),  # not by more than min_delta
+    ("validation_loss", 0.48, True),
+    ("validation_accuracy", 0.80, False),
+    ("validation_accuracy", 0.82, True),
+    ("validation_accuracy", 0.70, False),
+])
+def test_an_improvement_is_better_by_more_than_min_delta(metric, value, improves):
+    best = {"validation_loss": 0.50, "validation_accuracy": 0.80}
+    stopping = EarlyStopping(metric, patience=1, min_delta=0.01)
+    assert stopping.improves({**best, metric: value}, best) is improves
+    assert stopping.improves(best, None)  # the first validation is the best so far
+
+
 def test_reloaded_model_predicts_what_the_trained_engine_did(labelled, tiny_v1, tmp_path):
     """ZeRO-3 partitions the weights: saving must gather them, and reloading must give the same predictions."""
     split = read_label_split(labelled.split)
@@ -157,9 +205,12 @@ def test_reloaded_model_predicts_what_the_trained_engine_did(labelled, tiny_v1, 
 
 
 def test_killed_run_resumes_to_the_same_weights(labelled, models_dir, tmp_path):
-    """Kill the real step (SIGKILL) once a checkpoint exists; rerun it; compare with an uninterrupted run."""
+    """Kill the real step (SIGKILL) at a checkpoint after the first validation (step 12); rerun it; compare with
+    an uninterrupted run: the same weights, log, kept epoch and early stop. The best and the count of epochs
+    without improvement must come back from the checkpoint (validation accuracy falls in epoch 2 here)."""
     user_profile(tmp_path / "profiles", "resume", zero_stage=2, offload_optimizer="cpu", precision="bf16",
-                 gradient_accumulation=2, epochs=2, checkpoint_every=3)
+                 gradient_accumulation=2, epochs=3, checkpoint_every=3, learning_rate=0.05, patience=1,
+                 best_metric="validation_accuracy")
     (models_dir / "resume").symlink_to(models_dir / "tiny")
 
     def command(out: Path) -> list[str]:
@@ -174,14 +225,15 @@ def test_killed_run_resumes_to_the_same_weights(labelled, models_dir, tmp_path):
 
     killed = subprocess.Popen(command(tmp_path / "resumed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 300
-    while not (tmp_path / "resumed" / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
-        assert killed.poll() is None, "the run ended before its first checkpoint"
+    latest = tmp_path / "resumed" / "checkpoints" / "latest"
+    while not (latest.exists() and latest.read_text() > "step-00000012") and time.monotonic() < deadline:
+        assert killed.poll() is None, "the run ended before a checkpoint of its second epoch"
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "resumed" / "model").exists()
     resumed = subprocess.run(command(tmp_path / "resumed"), check=True, capture_output=True, text=True, env=env)
-    assert "resumed at optimizer step" in resumed.stdout
+    assert "resumed at optimizer step 15" in resumed.stdout
 
     whole, again = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("whole", "resumed"))
     assert whole.keys() == again.keys()
@@ -189,6 +241,9 @@ def test_killed_run_resumes_to_the_same_weights(labelled, models_dir, tmp_path):
         assert torch.equal(whole[name], again[name]), name  # bit-exact
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole" / "log.tsv", sep="\t"),
                                   pd.read_csv(tmp_path / "resumed" / "log.tsv", sep="\t"))
+    decisions = [{key: FineTunedModel.open(tmp_path / run / "model").metadata[key] for key in ("kept", "stop_reason")}
+                 for run in ("whole", "resumed")]
+    assert decisions[0] == decisions[1] and decisions[0]["stop_reason"].startswith("stopped early")
 
 
 def test_evaluate_scores_model_and_linear_probe(labelled, zero2_model, tiny_v1, tmp_path):

@@ -671,8 +671,9 @@ def cmd_step_finetune(args) -> int:
     profile, files = _model_files(args)
     summary = finetune(args.split, args.tokens, files, profile, args.out_model, args.out_log, args.checkpoints,
                        args.seed, args.mlflow_uri, args.mlflow_experiment, args.label, args.threads)
-    print(f"helixflow: fine-tuned in {summary['seconds_this_session']} s: validation accuracy "
-          f"{summary['validation_accuracy']:.4f} -> {args.out_model} (MLflow run {summary['mlflow_run_id']})")
+    print(f"helixflow: fine-tuned in {summary['seconds_this_session']} s ({summary['stop_reason']}): kept epoch "
+          f"{summary['kept']['epoch']:g}, validation accuracy {summary['validation_accuracy']:.4f} -> {args.out_model} "
+          f"(MLflow run {summary['mlflow_run_id']})")
     return summary["train_cells"] + summary["validation_cells"]
 
 

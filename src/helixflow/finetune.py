@@ -3,20 +3,27 @@
 Cells come from the tokenized chunks (memory-mapped, one batch read at a time) and their
 labels and train/validation assignment from the ``label_split`` table. The model profile's
 ``train`` section sets batch size, gradient accumulation, frozen layers, learning rate,
-epochs, ZeRO stage and offload, and how often to checkpoint.
+epochs, ZeRO stage and offload, how often to checkpoint, and early stopping.
+
+The model is validated after every epoch. The saved model is the one of the best validation
+(:class:`EarlyStopping`: by validation loss unless the profile says accuracy), not the last;
+training stops early once ``patience`` validations in a row brought no improvement.
 
 Every ``checkpoint_every`` optimizer steps a DeepSpeed checkpoint is saved with everything
 a resumed run needs to continue exactly where this one was: model, optimizer and schedule
 state, the position in the epoch (batch order is a function of seed and epoch), the random
-number generator state (dropout), the loss history and the MLflow run. A killed run started
-again with the same inputs resumes from its last checkpoint; checkpoints of a run with other
-inputs or settings are discarded. Checkpoints are removed once the model is saved.
+number generator state (dropout), the loss history, the best weights so far with their
+validation, the count of validations without improvement, and the MLflow run. A killed run
+started again with the same inputs resumes from its last checkpoint, to the same model and
+the same early stop; checkpoints of a run with other inputs or settings are discarded.
+Checkpoints are removed once the model is saved.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -38,8 +45,10 @@ from helixflow.profiles import check_train_settings
 from helixflow.token_batches import EpochBatches, LabelledCells, TokenStore, pad_batch, scoring_blocks
 from helixflow.tracking import resolve_tracking_uri, tracked_run
 
+LOGGER = logging.getLogger(__name__)
 RUN_FILE = "run.json"  # in the checkpoint folder: the fingerprint of the run its checkpoints belong to
-LOG_COLUMNS = ["step", "epoch", "train_loss", "learning_rate", "validation_loss", "validation_accuracy"]
+# kept: on validation rows, whether that validation's weights are the saved model's.
+LOG_COLUMNS = ["step", "epoch", "train_loss", "learning_rate", "validation_loss", "validation_accuracy", "kept"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,52 @@ class TrainingPlan:
     def total_micro_batches(self) -> int:
         return self.total_steps * self.accumulation
 
+    def validation_due(self, state: dict) -> bool:
+        """Whether the position in ``state`` ends an epoch (or the run) that is not validated yet."""
+        at_end = state["micro_batch"] % self.batches_per_epoch == 0 or state["micro_batch"] >= self.total_micro_batches
+        return at_end and state["validated_at"] < state["micro_batch"]
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Which validation is best, and when to stop for want of improvement.
+
+    A validation improves on the best so far only when its ``metric`` is better by more than
+    ``min_delta``; on a tie the earlier (shorter-trained) weights stay the best.
+    """
+
+    metric: str
+    patience: int
+    min_delta: float
+
+    @classmethod
+    def from_train(cls, train: dict) -> EarlyStopping:
+        return cls(train["best_metric"], train["patience"], train["min_delta"])
+
+    def improves(self, record: dict, best: dict | None) -> bool:
+        """Whether validation ``record`` is better than ``best`` (``None``: nothing validated yet)."""
+        if best is None:
+            return True
+        if self.metric == "validation_loss":
+            return record[self.metric] < best[self.metric] - self.min_delta
+        return record[self.metric] > best[self.metric] + self.min_delta
+
+    def update(self, engine, record: dict, state: dict) -> None:
+        """Take validation ``record`` into ``state``: keep the weights if best, count it otherwise.
+
+        The best weights are gathered (whole under ZeRO-3) into host memory, one model copy,
+        and saved with every checkpoint, so a resumed run keeps the same best and counter.
+        """
+        if self.improves(record, state["best"]):
+            state["best_weights"] = None  # the old copy goes before the new one is gathered
+            state["best_weights"] = deepspeed_engine.gathered_state_dict(engine)
+            state["best"], state["validations_without_improvement"] = record, 0
+        else:
+            state["validations_without_improvement"] += 1
+        if state["validations_without_improvement"] >= self.patience:
+            state["stop_reason"] = (f"stopped early: {self.metric} not better by more than {self.min_delta} "
+                                    f"for {self.patience} epochs after epoch {state['best']['epoch']:g}")
+
 
 def finetune(
     split_path: str | Path,
@@ -79,7 +134,10 @@ def finetune(
     label_column: str = "cell_type",
     threads: int | None = None,
 ) -> dict:
-    """Fine-tune a classifier; save it and its training log; return a summary.
+    """Fine-tune a classifier; save its best validated weights and its training log; return a summary.
+
+    The summary (also the model's ``helixflow.json``) names the ``kept`` validation record
+    (epoch, step, validation loss and accuracy) and the ``stop_reason``.
 
     Parameters
     ----------
@@ -96,7 +154,7 @@ def finetune(
         Model folder to write (see :func:`helixflow.classifier.save_classifier`).
     out_log
         Training log (TSV): loss and learning rate per optimizer step, validation loss and
-        accuracy after each epoch.
+        accuracy after each epoch, and which validation's weights were kept.
     checkpoints
         Folder for checkpoints while training.
     seed
@@ -124,7 +182,9 @@ def finetune(
     model = build_classifier(files, labels, train["frozen_layers"], seed)
     config = model.config
     engine = deepspeed_engine.initialize(model, train, precision, device, plan.total_steps)
-    state = {"micro_batch": 0, "pending_losses": [], "history": [], "mlflow_run_id": None}
+    stopping = EarlyStopping.from_train(train)
+    state = {"micro_batch": 0, "pending_losses": [], "history": [], "mlflow_run_id": None, "validated_at": 0,
+             "best": None, "best_weights": None, "validations_without_improvement": 0, "stop_reason": None}
     if resuming:
         state = load_checkpoint(engine, checkpoints)
         print(f"helixflow: resumed at optimizer step {engine.global_steps} from {checkpoints}", flush=True)
@@ -137,22 +197,34 @@ def finetune(
                                 "device": device.type, "seed": seed, "classes": len(labels), "train_cells": len(cells[TRAIN]),
                                 "validation_cells": len(cells[VALIDATION]), "optimizer_steps": plan.total_steps,
                                 **{f"train.{key}": value for key, value in train.items()}})
-        while state["micro_batch"] < plan.total_micro_batches:
-            train_to_epoch_end(engine, cells[TRAIN], plan, seed, state, tracker, checkpoints, train["checkpoint_every"], progress)
-            if state["micro_batch"] % plan.batches_per_epoch == 0 or state["micro_batch"] >= plan.total_micro_batches:
-                record = validate(engine, cells[VALIDATION], len(labels), train["batch_size"], state["micro_batch"] / plan.batches_per_epoch)
-                state["history"].append(record)
-                tracker.log_metrics({key: record[key] for key in ("validation_loss", "validation_accuracy")}, record["step"])
-                print(f"helixflow: epoch {record['epoch']:.2f}: validation loss {record['validation_loss']:.4f}, "
-                      f"accuracy {record['validation_accuracy']:.4f}", flush=True)
+        while state["stop_reason"] is None:
+            if not plan.validation_due(state):
+                train_to_epoch_end(engine, cells[TRAIN], plan, seed, state, tracker, checkpoints, train["checkpoint_every"], progress)
+                continue
+            record = validate(engine, cells[VALIDATION], len(labels), train["batch_size"], state["micro_batch"] / plan.batches_per_epoch)
+            state["history"].append(record)
+            state["validated_at"] = state["micro_batch"]
+            tracker.log_metrics({key: record[key] for key in ("validation_loss", "validation_accuracy")}, record["step"])
+            print(f"helixflow: epoch {record['epoch']:.2f}: validation loss {record['validation_loss']:.4f}, "
+                  f"accuracy {record['validation_accuracy']:.4f}", flush=True)
+            stopping.update(engine, record, state)
+            if state["stop_reason"] is None and state["micro_batch"] >= plan.total_micro_batches:
+                state["stop_reason"] = f"all {train['epochs']} epochs done"
 
-        log = write_training_log(state["history"], out_log)
+        kept = dict(state["best"])
+        LOGGER.info("%s; keeping the weights of epoch %g (step %d): validation loss %.4f, accuracy %.4f",
+                    state["stop_reason"], kept["epoch"], kept["step"], kept["validation_loss"], kept["validation_accuracy"])
+        mark_kept_validation(state["history"], kept)
+        write_training_log(state["history"], out_log)
         metadata = {"profile": profile["name"], "label_column": label_column, "labels": labels, "seed": seed,
                     "train_cells": len(cells[TRAIN]), "validation_cells": len(cells[VALIDATION]),
-                    "optimizer_steps": plan.total_steps, "precision": precision, "train": train,
-                    "validation_accuracy": float(log["validation_accuracy"].dropna().iloc[-1]),
+                    "optimizer_steps": plan.total_steps, "steps_trained": engine.global_steps, "precision": precision,
+                    "train": train, "validation_accuracy": kept["validation_accuracy"], "kept": kept,
+                    "stop_reason": state["stop_reason"],
                     "mlflow_tracking_uri": resolve_tracking_uri(tracking_uri), "mlflow_run_id": tracker.run_id}
-        save_classifier(deepspeed_engine.gathered_state_dict(engine), config, files, out_model, metadata)
+        save_classifier(state["best_weights"], config, files, out_model, metadata)
+        tracker.log_metrics({"kept_epoch": kept["epoch"], "kept_step": kept["step"], "steps_trained": engine.global_steps})
+        tracker.set_tags({"stop_reason": state["stop_reason"]})
         tracker.log_artifacts(out_model, "model")
         tracker.log_artifacts(out_log)
     shutil.rmtree(checkpoints, ignore_errors=True)
@@ -293,6 +365,13 @@ class Progress:
             per_step = self.elapsed / max(1, step - self.first_step)
             print(f"helixflow: step {step}/{self.total_steps} epoch {record['epoch']:.2f} loss {record['train_loss']:.4f} "
                   f"lr {record['learning_rate']:.2e} ({per_step:.2f} s/step)", flush=True)
+
+
+def mark_kept_validation(history: list[dict], kept: dict) -> None:
+    """Mark each validation record of ``history`` with whether it is the ``kept`` one."""
+    for record in history:
+        if "validation_loss" in record:
+            record["kept"] = record["step"] == kept["step"]
 
 
 def write_training_log(history: list[dict], out: str | Path) -> pd.DataFrame:

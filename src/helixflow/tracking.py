@@ -33,6 +33,9 @@ class Tracker:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         self._mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step)
 
+    def set_tags(self, tags: dict) -> None:
+        self._mlflow.set_tags({key: str(value) for key, value in tags.items()})
+
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Log a file, or a folder's files, under ``artifact_path`` of the run."""
         path = Path(path)
