@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -25,7 +26,8 @@ from helixflow.classifier import FineTunedModel, build_classifier, predict_proba
 from helixflow.demo_data import make_demo_dataset
 from helixflow.embedding import embed_chunk, gather_embeddings
 from helixflow.errors import HelixflowError
-from helixflow.evaluate import OUTPUT_FILES, classification_metrics, confusion_counts, evaluate
+from helixflow.evaluate import (OUTPUT_FILES, classification_metrics, confusion_counts, evaluate, probe_comparison,
+                                write_baseline_check)
 from helixflow.finetune import EarlyStopping, finetune
 from helixflow.h5ad import chunk_bounds
 from helixflow.label_split import VALIDATION, read_label_split, write_label_split
@@ -246,13 +248,19 @@ def test_killed_run_resumes_to_the_same_weights(labelled, models_dir, tmp_path):
     assert decisions[0] == decisions[1] and decisions[0]["stop_reason"].startswith("stopped early")
 
 
-def test_evaluate_scores_model_and_linear_probe(labelled, zero2_model, tiny_v1, tmp_path):
+@pytest.fixture(scope="module")
+def embeddings(labelled, tiny_v1) -> Path:
+    """The frozen tiny model's embeddings of every cell, gathered as the workflow does."""
     embedded = []
     for chunk, tokens in zip(labelled.chunks, labelled.tokens):
-        embedded.append(tmp_path / f"{chunk.stem}.h5ad")
+        embedded.append(labelled.root / "embedded" / f"{chunk.stem}.h5ad")
         embed_chunk(tokens, chunk, tiny_v1, embedded[-1], batch_size=32, device="cpu")
-    gather_embeddings(embedded, tmp_path / "embeddings.h5ad", {})
-    metrics = evaluate(zero2_model.model, labelled.split, labelled.tokens, tmp_path / "embeddings.h5ad",
+    gather_embeddings(embedded, labelled.root / "embeddings.h5ad", {})
+    return labelled.root / "embeddings.h5ad"
+
+
+def test_evaluate_scores_model_and_linear_probe(labelled, zero2_model, embeddings, tmp_path):
+    metrics = evaluate(zero2_model.model, labelled.split, labelled.tokens, embeddings,
                        zero2_model.log, tmp_path / "evaluate", device="cpu")
     assert all((tmp_path / "evaluate" / name).is_file() for name in OUTPUT_FILES)
     assert json.loads((tmp_path / "evaluate" / "metrics.json").read_text()) == metrics
@@ -268,6 +276,65 @@ def test_evaluate_scores_model_and_linear_probe(labelled, zero2_model, tiny_v1, 
     assert predictions["cell_index"].tolist() == split.loc[split["split"] == "validation", "cell_index"].tolist()
     for column, scores in (("fine_tuned", metrics["fine_tuned"]), ("linear_probe", metrics["linear_probe"])):
         assert (predictions[column] == predictions["true"]).mean() == pytest.approx(scores["accuracy"])
+
+
+def test_evaluate_says_plainly_when_the_linear_probe_wins(labelled, tiny_v1, embeddings, tmp_path, caplog):
+    """An untrained head (zero training steps) loses to the probe: metrics.json, the log, the report page and MLflow say so."""
+    from helixflow.tracking import resolve_tracking_uri, tracked_run
+
+    labels = sorted(read_label_split(labelled.split)["label"].unique())
+    model = build_classifier(tiny_v1, labels, frozen_layers=0, seed=0)
+    with tracked_run(tmp_path / "mlruns", "untrained") as tracker:
+        run_id = tracker.run_id
+    metadata = {"profile": "tiny", "label_column": "cell_type", "labels": labels, "seed": 0, "train_cells": int(labelled.n_train),
+                "optimizer_steps": 0, "mlflow_tracking_uri": resolve_tracking_uri(tmp_path / "mlruns"), "mlflow_run_id": run_id}
+    save_classifier(model.state_dict(), model.config, tiny_v1, tmp_path / "model", metadata)
+    log = tmp_path / "log.tsv"
+    log.write_text("step\tepoch\ttrain_loss\tlearning_rate\tvalidation_loss\tvalidation_accuracy\tkept\n")
+    with caplog.at_level(logging.WARNING, logger="helixflow.evaluate"):
+        metrics = evaluate(tmp_path / "model", labelled.split, labelled.tokens, embeddings, log, tmp_path / "evaluate", device="cpu")
+
+    accuracy, probe_accuracy = metrics["fine_tuned"]["accuracy"], metrics["linear_probe"]["accuracy"]
+    assert accuracy < probe_accuracy
+    comparison = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())["probe_comparison"]
+    assert comparison["probe_wins"] and "accuracy" in comparison["probe_higher_on"]
+    assert comparison["message"].startswith("fine-tuning: held-out accuracy")
+    assert f"{accuracy:.3f}" in comparison["message"] and f"the linear probe's {probe_accuracy:.3f}" in comparison["message"]
+    warnings = [record.getMessage() for record in caplog.records
+                if record.name == "helixflow.evaluate" and record.levelno == logging.WARNING]
+    assert warnings == [comparison["message"]]
+    assert comparison["message"] in (tmp_path / "evaluate" / "baseline_check.html").read_text()
+    import mlflow
+
+    run = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(tmp_path / "mlruns")).get_run(run_id)
+    assert run.data.tags["probe_beats_fine_tuning"] == "True" and run.data.metrics["probe_wins"] == 1
+
+
+def scores(accuracy: float, macro_f1: float) -> dict:
+    return {"accuracy": accuracy, "macro_f1": macro_f1}
+
+
+ADVICE = "on frozen embeddings; the frozen model + probe is the better classifier here"
+
+
+@pytest.mark.parametrize(("fine_tuned", "probe", "message"), [
+    (scores(0.65, 0.60), scores(0.94, 0.93),
+     f"fine-tuning: held-out accuracy and macro-F1 0.650 and 0.600 are below the linear probe's 0.940 and 0.930 {ADVICE}"),
+    (scores(0.90, 0.80), scores(0.90, 0.85),  # equal accuracy is no win
+     f"fine-tuning: held-out macro-F1 0.800 is below the linear probe's 0.850 {ADVICE}"),
+    (scores(0.95, 0.94), scores(0.90, 0.94), None),
+])
+def test_probe_comparison_names_each_score_the_probe_wins_on(fine_tuned, probe, message, tmp_path):
+    comparison = probe_comparison(fine_tuned, probe)
+    assert comparison["message"] == message and comparison["probe_wins"] == (message is not None)
+    metrics = {"fine_tuned": fine_tuned, "linear_probe": probe, "probe_comparison": comparison}
+    write_baseline_check(metrics, tmp_path / "check.html")
+    page = (tmp_path / "check.html").read_text()
+    lines = cli.finetune_summary_lines(metrics, Path("model"), Path("report.html"))
+    if message:
+        assert message in page and lines[-1] == f"{message} (see report.html)"
+    else:
+        assert len(lines) == 1 and "below the linear probe" not in page + "\n".join(lines)
 
 
 def test_annotate_predicts_every_cell(labelled, zero2_model, tmp_path):

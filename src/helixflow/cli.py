@@ -423,8 +423,8 @@ def _run_snakemake(command: list[str], config: list[str], args, environment_path
         return returncode
     if args.dry_run:
         return 0
+    report = args.out / "report.html"
     if args.until == FINAL_STAGE:
-        report = args.out / "report.html"
         subprocess.run([*command[: command.index("--cores")], "--config", *config, "--report", str(report)],
                        check=True, capture_output=True, env=environment)
         print(f"helixflow: report:     {report}")
@@ -432,14 +432,33 @@ def _run_snakemake(command: list[str], config: list[str], args, environment_path
         print(f"helixflow: embeddings: {args.out / 'embeddings' / 'embeddings.h5ad'} (obsm['X_geneformer'])")
     metrics_path = args.out / "evaluate" / "metrics.json"
     if args.until in ("evaluate", FINAL_STAGE) and metrics_path.is_file():
-        metrics = json.loads(metrics_path.read_text())
-        print(f"helixflow: fine-tuned: {args.out / 'finetune' / 'model'}: held-out accuracy "
-              f"{metrics['fine_tuned']['accuracy']:.3f}, macro-F1 {metrics['fine_tuned']['macro_f1']:.3f} "
-              f"(linear probe {metrics['linear_probe']['accuracy']:.3f}, {metrics['linear_probe']['macro_f1']:.3f})")
+        for line in finetune_summary_lines(json.loads(metrics_path.read_text()), args.out / "finetune" / "model",
+                                           report if args.until == FINAL_STAGE else metrics_path):
+            print(f"helixflow: {line}")
     if args.annotate:
         print(f"helixflow: annotated:  {args.out / 'annotate' / (args.annotate.stem + '.h5ad')}")
     print(f"helixflow: done in {time.monotonic() - started:.0f} s; trace: {args.out / 'pipeline_info'}")
     return 0
+
+
+def finetune_summary_lines(metrics: dict, model_dir: Path, details: Path) -> list[str]:
+    """What a finished run says about its fine-tuned model: its scores, and whether the probe beat it.
+
+    Parameters
+    ----------
+    metrics
+        The evaluate step's ``metrics.json``.
+    model_dir
+        Where the fine-tuned model is.
+    details
+        Where to read more (the report, or metrics.json without one).
+    """
+    lines = [f"fine-tuned: {model_dir}: held-out accuracy {metrics['fine_tuned']['accuracy']:.3f}, "
+             f"macro-F1 {metrics['fine_tuned']['macro_f1']:.3f} (linear probe {metrics['linear_probe']['accuracy']:.3f}, "
+             f"{metrics['linear_probe']['macro_f1']:.3f})"]
+    if metrics["probe_comparison"]["probe_wins"]:
+        lines.append(f"{metrics['probe_comparison']['message']} (see {details})")
+    return lines
 
 
 def _snakemake_until_done(command: list[str], environment: dict, lock: RunLock | None, stop_timeout: float) -> int:

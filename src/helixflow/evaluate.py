@@ -6,11 +6,18 @@ embeddings (``embeddings.h5ad``) of the training cells, which shows what fine-tu
 over the pretrained representation. Results go to ``metrics.json`` (accuracy, macro-F1,
 per-class precision and recall), two tables and two plots for the report, and the
 fine-tune's MLflow run.
+
+When the probe scores higher than the fine-tuned model (accuracy or macro-F1), fine-tuning
+did worse than not fine-tuning at all: ``metrics.json``'s ``probe_comparison`` says so, a
+WARNING is logged, the MLflow run is tagged, and ``baseline_check.html`` (the report's first
+fine-tuning item) shows the message.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import logging
 from pathlib import Path
 
 import h5py
@@ -31,8 +38,11 @@ from helixflow.outputs import atomic_path
 from helixflow.token_batches import LabelledCells, TokenStore, scoring_blocks
 from helixflow.tracking import tracked_run
 
+LOGGER = logging.getLogger(__name__)
 PROBE_MAX_TRAIN_CELLS = 50_000  # the probe's training cells are subsampled beyond this
-OUTPUT_FILES = ("metrics.json", "summary.tsv", "per_class.tsv", "predictions.tsv", "confusion_matrix.png", "training_curve.png")
+OUTPUT_FILES = ("metrics.json", "summary.tsv", "per_class.tsv", "predictions.tsv", "confusion_matrix.png", "training_curve.png",
+                "baseline_check.html")
+COMPARED_SCORES = {"accuracy": "accuracy", "macro_f1": "macro-F1"}  # key in the scores: name in messages
 
 
 def confusion_counts(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
@@ -101,6 +111,49 @@ def fit_linear_probe(embeddings_path: str | Path, split_path: str | Path, labels
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2_000))
     probe.fit(train_x, np.concatenate(targets))
     return probe, len(train_x)
+
+
+def probe_comparison(fine_tuned: dict, probe: dict) -> dict:
+    """Whether the linear probe on frozen embeddings beats the fine-tuned model on held-out cells.
+
+    Parameters
+    ----------
+    fine_tuned, probe
+        Scores of each (:func:`classification_metrics`).
+
+    Returns
+    -------
+    dict
+        ``probe_wins`` (the probe is higher on accuracy or macro-F1), ``probe_higher_on`` (those
+        score names), and ``message``: one line naming the scores and what to use instead, or
+        ``None`` when fine-tuning is at least as good on both.
+    """
+    higher = [key for key in COMPARED_SCORES if probe[key] > fine_tuned[key]]
+    message = None
+    if higher:
+        names = " and ".join(COMPARED_SCORES[key] for key in higher)
+        ours = " and ".join(f"{fine_tuned[key]:.3f}" for key in higher)
+        theirs = " and ".join(f"{probe[key]:.3f}" for key in higher)
+        verb = "are" if len(higher) > 1 else "is"
+        message = (f"fine-tuning: held-out {names} {ours} {verb} below the linear probe's {theirs} on frozen embeddings; "
+                   f"the frozen model + probe is the better classifier here")
+    return {"probe_wins": bool(higher), "probe_higher_on": higher, "message": message}
+
+
+def write_baseline_check(metrics: dict, out: str | Path) -> None:
+    """An HTML paragraph for the report: the probe-wins warning, or how fine-tuning compares.
+
+    A fragment, not a page: the report shows it as an item and includes it in captions.
+    """
+    comparison = metrics["probe_comparison"]
+    if comparison["probe_wins"]:
+        body = f'<p style="color:#a00000;font-weight:bold">Warning: {html.escape(comparison["message"], quote=False)}.</p>'
+    else:
+        scores = ", ".join(f"{name} {metrics['fine_tuned'][key]:.3f} (probe {metrics['linear_probe'][key]:.3f})"
+                           for key, name in COMPARED_SCORES.items())
+        body = f"<p>Fine-tuning is at least as good as the linear probe on frozen embeddings: held-out {scores}.</p>"
+    with atomic_path(out) as partial:
+        partial.write_text(body + "\n")
 
 
 def plot_confusion_matrices(confusion: dict[str, np.ndarray], scores: dict[str, dict], labels: list[str],
@@ -179,8 +232,12 @@ def evaluate(
         "chance_accuracy": chance, "fine_tuned": scores["fine-tuned"],
         "linear_probe": {**scores["linear probe"], "train_cells": probe_cells},
         "model": {key: fine_tuned.metadata[key] for key in ("base_model", "profile", "optimizer_steps", "mlflow_run_id")},
+        "probe_comparison": probe_comparison(scores["fine-tuned"], scores["linear probe"]),
     }
+    if metrics["probe_comparison"]["probe_wins"]:
+        LOGGER.warning("%s", metrics["probe_comparison"]["message"])
     write_tables(metrics, out_dir)
+    write_baseline_check(metrics, out_dir / "baseline_check.html")
     plot_confusion_matrices(confusion, scores, labels, out_dir / "confusion_matrix.png")
     plot_training_curve(pd.read_csv(training_log, sep="\t"), out_dir / "training_curve.png")
     with atomic_path(out_dir / "metrics.json") as partial:
@@ -250,14 +307,17 @@ def write_tables(metrics: dict, out_dir: Path) -> None:
 
 
 def log_to_mlflow(metadata: dict, metrics: dict, out_dir: Path) -> None:
-    """Add held-out scores and the evaluation files to the fine-tune's MLflow run."""
+    """Add held-out scores, whether the probe wins (metric ``probe_wins``, tag ``probe_beats_fine_tuning``)
+    and the evaluation files to the fine-tune's MLflow run."""
     scores = {"heldout_accuracy": metrics["fine_tuned"]["accuracy"], "heldout_macro_f1": metrics["fine_tuned"]["macro_f1"],
               "probe_accuracy": metrics["linear_probe"]["accuracy"], "probe_macro_f1": metrics["linear_probe"]["macro_f1"]}
     for label, values in metrics["fine_tuned"]["per_class"].items():
         key = "".join(character if character.isalnum() else "_" for character in label)
         scores[f"heldout_precision.{key}"] = values["precision"]
         scores[f"heldout_recall.{key}"] = values["recall"]
+    scores["probe_wins"] = int(metrics["probe_comparison"]["probe_wins"])
     with tracked_run(metadata["mlflow_tracking_uri"], run_id=metadata["mlflow_run_id"]) as tracker:
         tracker.log_metrics(scores)
+        tracker.set_tags({"probe_beats_fine_tuning": metrics["probe_comparison"]["probe_wins"]})
         for name in OUTPUT_FILES:
             tracker.log_artifacts(out_dir / name, "evaluation")

@@ -82,6 +82,12 @@ rule evaluate:
         embeddings=f"{OUTDIR}/embeddings/embeddings.h5ad",
     output:
         metrics=f"{OUTDIR}/evaluate/metrics.json",
+        # Named to come first in the report's Fine-tuning category (its items are sorted by name).
+        baseline_check=report(
+            f"{OUTDIR}/evaluate/baseline_check.html",
+            caption="../report/finetune_baseline_check.rst",
+            category="Fine-tuning",
+        ),
         summary=report(
             f"{OUTDIR}/evaluate/summary.tsv",
             caption="../report/finetune_summary.rst",
