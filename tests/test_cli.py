@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import yaml
 
+from conftest import PROJECT_DIR
 from helixflow.cli import main
+from helixflow.demo_data import make_demo_dataset
 from helixflow.profiles import load_profile, step_resources
 
 
@@ -76,3 +79,23 @@ def test_no_finetune_leaves_out_the_training_steps(dataset, models_dir, tmp_path
     without = planned("--no-finetune")
     assert "rule finetune:" not in without and "rule label_split:" not in without and "rule embed:" in without
     assert not list(tmp_path.glob("helixflow-config-*"))
+
+
+def test_run_says_when_the_linear_probe_beats_fine_tuning(models_dir, tmp_path):
+    """A profile that all but skips training (learning rate 1e-9): the frozen model's probe wins, and the run's
+    last lines, metrics.json and the report say so plainly."""
+    dataset = make_demo_dataset(tmp_path / "cells.h5ad", 240, mean_counts=500, seed=4)
+    profile = yaml.safe_load((PROJECT_DIR / "config" / "profiles" / "tiny.yaml").read_text())
+    profile["train"].update(learning_rate=1e-9, epochs=1)
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "tiny.yaml").write_text(yaml.safe_dump(profile))
+    out = tmp_path / "o"
+    result = subprocess.run([sys.executable, "-m", "helixflow.cli", "run", str(dataset), "--out", str(out), "--models-dir",
+                             str(models_dir), "--profiles-dir", str(tmp_path / "profiles"), "--cores", "2"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    comparison = json.loads((out / "evaluate" / "metrics.json").read_text())["probe_comparison"]
+    assert comparison["probe_wins"] and comparison["message"].startswith("fine-tuning: held-out accuracy")
+    assert f"helixflow: {comparison['message']} (see {out / 'report.html'})" in result.stdout.splitlines()[-3:]
+    assert comparison["message"] in (out / "report.html").read_text()
+    assert comparison["message"] in (out / "logs" / "evaluate.log").read_text()

@@ -87,8 +87,12 @@ def test_outputs(finished_run):
 def test_report_holds_the_trace_and_step_figures(finished_run, tmp_path):
     snakemake("--report", str(tmp_path / "report.html"))
     report = (tmp_path / "report.html").read_text()
-    for name in ("execution_trace.tsv", "step_resources.png", "embedding_map.png"):
+    for name in ("execution_trace.tsv", "step_resources.png", "embedding_map.png", "baseline_check.html"):
         assert name in report, name
+    # The probe's warning shows exactly when the probe won; otherwise the comparison says fine-tuning held up.
+    comparison = json.loads((OUT / "evaluate" / "metrics.json").read_text())["probe_comparison"]
+    assert ("below the linear probe" in report) == comparison["probe_wins"]
+    assert ("at least as good as the linear probe" in report) != comparison["probe_wins"]
 
 
 def test_finetune_outputs(finished_run):
@@ -100,6 +104,9 @@ def test_finetune_outputs(finished_run):
         assert (OUT / "evaluate" / name).stat().st_size > 0
     model = FineTunedModel.open(OUT / "finetune" / "model")
     assert model.metadata["labels"] == metrics["classes"] and model.metadata["profile"] == "tiny"
+    assert model.metadata["stop_reason"] and model.metadata["kept"]["epoch"] <= 2  # the tiny profile's 2 epochs
+    comparison = metrics["probe_comparison"]
+    assert comparison["probe_wins"] == any(metrics["linear_probe"][key] > metrics["fine_tuned"][key] for key in ("accuracy", "macro_f1"))
     assert not (OUT / "finetune" / "checkpoints").exists()
     runs = list((OUT / "mlruns").glob(f"*/{model.metadata['mlflow_run_id']}"))
     assert len(runs) == 1 and (runs[0] / "metrics" / "heldout_accuracy").is_file()
