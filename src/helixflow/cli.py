@@ -332,6 +332,7 @@ def cmd_run(args) -> int:
     if args.until == "annotate" and not args.annotate:
         raise HelixflowError(args.input, "--until annotate needs --annotate DATASET (the .h5ad to label)")
     profile = load_profile(args.model, args.profiles_dir)
+    _check_annotation_possible(profile, args.annotate)
     if args.until == "stage" and _is_staged(profile, args.models_dir, args.configfile):
         # The workflow has no stage_model job for a staged model: nothing to do.
         print(f"helixflow: model of profile {args.model} is already staged", file=sys.stderr)
@@ -667,6 +668,16 @@ def cmd_step_finetune(args) -> int:
     print(f"helixflow: fine-tuned in {summary['seconds_this_session']} s: validation accuracy "
           f"{summary['validation_accuracy']:.4f} -> {args.out_model} (MLflow run {summary['mlflow_run_id']})")
     return summary["train_cells"] + summary["validation_cells"]
+
+
+def _check_annotation_possible(profile: dict, annotate: Path | None) -> None:
+    """``--annotate`` needs a fine-tuned model: refuse it, before the run, for a family that is not fine-tuned."""
+    from helixflow.families import FAMILIES
+
+    reason = FAMILIES[profile["family"]].no_finetuning_reason
+    if annotate and reason:
+        raise HelixflowError(annotate, f"--annotate needs a fine-tuned model, and profile {profile['name']} "
+                                       f"({profile['family']}) is not fine-tuned: {reason}")
 
 
 def _require_finetuning(profile: dict) -> None:
