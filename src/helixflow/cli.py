@@ -305,13 +305,18 @@ def _add_step_parsers(commands) -> None:
 
 
 def _model_files(args):
-    """The profile named by ``--profile``, and its model's staged files (its family's kind)."""
-    from helixflow.families import load_family
+    """The profile named by ``--profile``, and its model's staged files."""
     from helixflow.profiles import load_profile
 
     profile = load_profile(args.profile, args.profiles_dir)
-    return profile, load_family(profile["model_name"]).model_files(Path(args.models_dir) / profile["name"],
-                                                                  profile["model_name"])
+    return profile, _staged_files(profile, args.models_dir)
+
+
+def _staged_files(profile: dict, models_dir: Path):
+    """Where a profile's model is staged under ``models_dir``: its family's model files."""
+    from helixflow.families import load_family
+
+    return load_family(profile["model_name"]).model_files(Path(models_dir) / profile["name"], profile["model_name"])
 
 
 def _symbol_map(args):
@@ -499,12 +504,10 @@ def _signal_group(pgid: int, signum: int) -> None:
 def _is_staged(profile: dict, models_dir: Path | None, configfile: Path) -> bool:
     import yaml
 
-    from helixflow.families import load_family
-
     if models_dir is None:
         models_dir = Path(yaml.safe_load(configfile.read_text())["models_dir"])
     try:
-        load_family(profile["model_name"]).model_files(Path(models_dir) / profile["name"], profile["model_name"]).check()
+        _staged_files(profile, models_dir).check()
     except HelixflowError:
         return False
     return True
