@@ -4,6 +4,9 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_CELLS ?= 3000
+# A model profile of config/profiles, e.g. scgpt-tiny; each but the default has its own results folder.
+DEMO_MODEL ?= tiny
+DEMO_OUT ?= results/demo$(if $(filter tiny,$(DEMO_MODEL)),,-$(DEMO_MODEL))
 # Shallow cells (500 UMIs, ~200 genes each): the demo fine-tunes in about a minute on 2 cores,
 # and its cell types are hard enough for the frozen-embedding linear probe (~97%) that
 # fine-tuning shows what it adds; at 3,000 UMIs both reach 99.8%.
@@ -31,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: venv
 	$(BIN)/helixflow demo-data resources/demo/demo.h5ad --cells $(DEMO_CELLS) --mean-counts $(DEMO_MEAN_COUNTS)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/helixflow run resources/demo/demo.h5ad --model tiny --out results/demo --cores $$(nproc)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/helixflow run resources/demo/demo.h5ad --model $(DEMO_MODEL) --out $(DEMO_OUT) --cores $$(nproc)
 
 # Airflow lives in its own environment (never in .venv): Airflow 3.3.2, providers-docker,
 # airflow-exporter (the api-server's /admin/metrics/, with airflow/plugins/helixflow_metrics.py), and the

@@ -7,6 +7,7 @@ import yaml
 
 from helixflow import cli
 from helixflow.errors import HelixflowError
+from helixflow.families import FAMILIES
 from helixflow.geneformer_models import GENEFORMER_MODELS
 from helixflow.profiles import DEFAULT_PROFILES_DIR, list_profiles, load_profile, step_resources
 from helixflow.steps import STEPS
@@ -27,7 +28,7 @@ def write_profile(folder, content: dict | str, name: str | None = None):
 @pytest.mark.parametrize("name", list_profiles())
 def test_each_shipped_profile_loads(name):
     profile = load_profile(name)
-    assert profile["name"] == name and profile["model_name"] in GENEFORMER_MODELS
+    assert profile["name"] == name and profile["model_name"] in FAMILIES[profile["family"]].models
     assert {"threads", "memory_mb", "embed", "train", "runtime_min_per_10k_cells", "gpu"} <= set(profile)
 
 
@@ -110,7 +111,7 @@ def test_other_profile_problems_are_clear(tmp_path):
     with pytest.raises(HelixflowError, match="profile name 'other' differs from its file name 'renamed'"):
         load_profile("renamed", tmp_path)
     write_profile(tmp_path, {"name": "unknown", "model_name": "gf-99L"})
-    with pytest.raises(HelixflowError, match="not a helical Geneformer model"):
+    with pytest.raises(HelixflowError, match="not a model helixflow knows"):
         load_profile("unknown", tmp_path)
     with pytest.raises(HelixflowError, match=r"unknown model profile 'missing'; profiles in .*: broken, renamed, unknown"):
         load_profile("missing", tmp_path)

@@ -179,3 +179,23 @@ def test_checkpoint_of_another_shape_is_refused(tiny_scgpt, tmp_path):
     files.args.write_text(json.dumps({**args, "embsize": 64}))
     with pytest.raises(HelixflowError, match="does not fit the model's architecture"):
         load_scgpt_encoder(files, torch.device("cpu"))
+
+
+def test_model_stage_command_stages_tiny_and_from_a_folder(tmp_path, capsys):
+    """``helixflow model stage`` dispatches through the scGPT family: --tiny, then --from the staged folder."""
+    from helixflow import cli
+
+    assert cli.main(["model", "stage", "--profile", "scgpt-tiny", "--tiny", "--models-dir", str(tmp_path / "a")]) == 0
+    staged = ScGPTFiles(tmp_path / "a" / "scgpt-tiny")
+    assert cli.main(["model", "stage", "--profile", "scgpt-tiny", "--from", str(staged.model_dir),
+                     "--models-dir", str(tmp_path / "b")]) == 0
+    copy = ScGPTFiles(tmp_path / "b" / "scgpt-tiny")
+    names = ["scgpt/scGPT_CP/args.json", "scgpt/scGPT_CP/best_model.pt", "scgpt/scGPT_CP/vocab.json"]
+    assert list(copy.staged_paths()) == list(staged.staged_paths()) == names
+    assert all(copy.staged_paths()[name].read_bytes() == staged.staged_paths()[name].read_bytes() for name in names)
+    assert "staged scgpt model best_model (tiny)" in capsys.readouterr().out
+
+    staged.weights.unlink()
+    assert cli.main(["model", "stage", "--profile", "scgpt-tiny", "--from", str(staged.model_dir),
+                     "--models-dir", str(tmp_path / "c")]) == 2
+    assert "not an scGPT model folder: missing best_model.pt" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""End to end on the .test config with plain snakemake: outputs, lint, resume after loss or kill."""
+"""End to end on the .test configs with plain snakemake: outputs of each model family, lint, resume after loss or kill."""
 
 from __future__ import annotations
 
@@ -23,18 +23,29 @@ from helixflow.demo_data import make_demo_dataset
 from helixflow.embedding import embed_tokens, load_encoder
 from helixflow.model_files import ModelFiles
 from helixflow.profiles import load_profile
+from helixflow.scgpt import tokenization as scgpt_tokenization
+from helixflow.scgpt.embedding import embed_token_table
+from helixflow.scgpt.files import ScGPTFiles
 from helixflow.tokenization import open_tokens, tokenize_chunk
 
 TEST_INPUT = PROJECT_DIR / ".test" / "resources" / "test.h5ad"
 OUT = PROJECT_DIR / ".test" / "results" / "test"
-SNAKEMAKE = ["snakemake", "--cores", "2", "--configfile", ".test/config/config.yaml"]
+CONFIG = ".test/config/config.yaml"
+SNAKEMAKE = ["snakemake", "--cores", "2"]
+# Each family's .test run: its fixture, profile, results folder, embeddings' obsm key and width.
+SCGPT_CONFIG = ".test/config/config-scgpt.yaml"
+SCGPT_OUT = PROJECT_DIR / ".test" / "results" / "test-scgpt"
+RUNS = {
+    "geneformer": {"fixture": "finished_run", "profile": "tiny", "out": OUT, "key": "X_geneformer", "width": 128},
+    "scgpt": {"fixture": "finished_scgpt_run", "profile": "scgpt-tiny", "out": SCGPT_OUT, "key": "X_scgpt", "width": 32},
+}
 # The resume tests below are about the chunked steps: they run up to the embeddings only, so
 # fine-tuning (tested in test_finetune.py) does not run again after each damage.
 EMBED_ONLY = ("--until", "gather")
 
 
-def snakemake(*extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([*SNAKEMAKE, *extra], cwd=PROJECT_DIR, capture_output=True, text=True)
+def snakemake(*extra: str, check: bool = True, config: str = CONFIG) -> subprocess.CompletedProcess:
+    result = subprocess.run([*SNAKEMAKE, "--configfile", config, *extra], cwd=PROJECT_DIR, capture_output=True, text=True)
     if check and result.returncode != 0:
         pytest.fail(f"snakemake {' '.join(extra)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -61,27 +72,55 @@ def finished_run():
     return input_hash
 
 
-def test_outputs(finished_run):
-    embeddings = ad.read_h5ad(OUT / "embeddings" / "embeddings.h5ad")
+@pytest.fixture(scope="module")
+def finished_scgpt_run():
+    """The tiny scGPT's run of the same input (made here when only scGPT's tests run), after Geneformer's."""
+    if not TEST_INPUT.exists():
+        make_demo_dataset(TEST_INPUT, 600, seed=3)
+    shutil.rmtree(SCGPT_OUT, ignore_errors=True)
+    return snakemake(config=SCGPT_CONFIG)
+
+
+@pytest.mark.parametrize("family", RUNS)
+def test_outputs_of_each_family(family, request):
+    """Embeddings under the family's key, finite, the input's obs; the map, the trace and the versions."""
+    run = RUNS[family]
+    request.getfixturevalue(run["fixture"])
+    out = run["out"]
+    embeddings = ad.read_h5ad(out / "embeddings" / "embeddings.h5ad")
     original = ad.read_h5ad(TEST_INPUT)
     assert embeddings.n_obs == original.n_obs == 600
     pd.testing.assert_frame_equal(embeddings.obs, original.obs)
-    assert embeddings.obsm["X_geneformer"].shape == (600, 128)
-    assert np.isfinite(embeddings.obsm["X_geneformer"]).all()
-    assert sha256(TEST_INPUT) == finished_run
+    assert list(embeddings.obsm) == [run["key"]] and embeddings.obsm[run["key"]].shape == (600, run["width"])
+    assert np.isfinite(embeddings.obsm[run["key"]]).all()  # every synthetic cell has vocabulary genes
 
-    summary = json.loads((OUT / "report" / "embedding_summary.json").read_text())
+    summary = json.loads((out / "report" / "embedding_summary.json").read_text())
     assert summary["knn_label_accuracy"] > 0.6  # 6 cell types: chance is about 0.17
-    trace = pd.read_csv(OUT / "pipeline_info" / "execution_trace.tsv", sep="\t")
+    trace = pd.read_csv(out / "pipeline_info" / "execution_trace.tsv", sep="\t")
     assert (trace["process"] == "embed").sum() == 3 and (trace["process"] == "tokenize").sum() == 3
     assert (trace.loc[trace["process"] == "tokenize", "cells"] == 200).all()
     assert trace["peak_rss_mb"].notna().all() and (trace["realtime_s"] > 0).all()
+    assert (trace.loc[trace["process"] == "embed", "cells_per_s"] > 0).all()
+    versions = (out / "pipeline_info" / "software_versions.yml").read_text()
+    assert f"profile: {run['profile']}" in versions
+
+
+def test_scgpt_run_skips_finetuning_and_says_why(finished_scgpt_run):
+    assert "fine-tuning skipped for profile scgpt-tiny (scgpt): helixflow has no scGPT classifier head yet" in (
+        finished_scgpt_run.stderr)
+    assert not (SCGPT_OUT / "finetune").exists() and not (SCGPT_OUT / "evaluate").exists()
+    check = json.loads((SCGPT_OUT / "qc" / "input_check.json").read_text())
+    assert check["gene_ids"]["column"] == "var['gene_symbol']" and check["genes_in_vocabulary"] == 1_600
+
+
+def test_outputs(finished_run):
+    assert sha256(TEST_INPUT) == finished_run
+    trace = pd.read_csv(OUT / "pipeline_info" / "execution_trace.tsv", sep="\t")
     assert {"label_split", "finetune", "evaluate"} <= set(trace["process"])
     # Cells come from each step's own metrics record, also for steps that are not per chunk.
     cells = trace.set_index("process")["cells"]
     assert cells["validate_input"] == cells["gather"] == 600 and cells["label_split"] == 600
     assert cells["evaluate"] == 120 and trace["peak_gpu_mb"].isna().all()  # CPU only
-    assert (trace.loc[trace["process"] == "embed", "cells_per_s"] > 0).all()
 
 
 def test_report_holds_the_trace_and_step_figures(finished_run, tmp_path):
@@ -132,13 +171,27 @@ def test_rules_take_threads_and_resources_from_the_profile(finished_run):
     assert f"runtime={runtime}," in jobs["finetune"][1]
 
 
-def test_chunked_embeddings_equal_one_pass(finished_run, tmp_path):
+def geneformer_one_pass(out):
     files = ModelFiles(PROJECT_DIR / ".test" / "resources" / "models" / "tiny", "gf-6L-10M-i2048")
-    tokenize_chunk(TEST_INPUT, files, tmp_path / "all.arrow")
-    table = open_tokens(tmp_path / "all.arrow")
-    direct = embed_tokens(load_encoder(files, torch.device("cpu")), table.column("input_ids").combine_chunks(),
-                          table.column("length").to_numpy(), 32, False, torch.device("cpu"))
-    chunked = ad.read_h5ad(OUT / "embeddings" / "embeddings.h5ad").obsm["X_geneformer"]
+    tokenize_chunk(TEST_INPUT, files, out)
+    table = open_tokens(out)
+    return embed_tokens(load_encoder(files, torch.device("cpu")), table.column("input_ids").combine_chunks(),
+                        table.column("length").to_numpy(), 32, False, torch.device("cpu"))
+
+
+def scgpt_one_pass(out):
+    files = ScGPTFiles(PROJECT_DIR / ".test" / "resources" / "models" / "scgpt-tiny")
+    scgpt_tokenization.tokenize_chunk(TEST_INPUT, files, out, gene_column="gene_symbol")
+    return embed_token_table(files, open_tokens(out), batch_size=32, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("family", RUNS)
+def test_chunked_embeddings_equal_one_pass(family, request, tmp_path):
+    """The workflow's chunks, gathered, equal the family's own tokenizer and encoder run over the whole input."""
+    run = RUNS[family]
+    request.getfixturevalue(run["fixture"])
+    direct = {"geneformer": geneformer_one_pass, "scgpt": scgpt_one_pass}[family](tmp_path / "all.arrow")
+    chunked = ad.read_h5ad(run["out"] / "embeddings" / "embeddings.h5ad").obsm[run["key"]]
     np.testing.assert_allclose(chunked, direct, atol=1e-5)
 
 
@@ -169,7 +222,7 @@ def test_killed_run_resumes_with_same_results(finished_run):
     shutil.rmtree(OUT / "embeddings")
     for tokens in (OUT / "tokens").glob("*.arrow"):
         tokens.unlink()
-    process = subprocess.Popen([*SNAKEMAKE, "--cores", "1", *EMBED_ONLY], cwd=PROJECT_DIR, start_new_session=True,
+    process = subprocess.Popen([*SNAKEMAKE, "--configfile", CONFIG, "--cores", "1", *EMBED_ONLY], cwd=PROJECT_DIR, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list((OUT / "logs" / "embed").glob("*.log")) and time.monotonic() < deadline:

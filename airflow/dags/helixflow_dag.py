@@ -50,7 +50,8 @@ import pendulum
 from airflow.sdk import DAG, Param, task
 from airflow.sdk.exceptions import AirflowSkipException
 # helixflow's light modules (no model stack; installed in the Airflow image): the step table and
-# the profiles, as the workflow itself reads them.
+# the profiles and model families, as the workflow itself reads them.
+from helixflow.families import FAMILIES
 from helixflow.local_resources import SNAKEMAKE_RESERVE_MB
 from helixflow.profiles import list_profiles, load_profile, step_resources
 from helixflow.steps import stage_steps, stages
@@ -128,7 +129,15 @@ def read_results_json(params: dict, relative: str) -> dict | None:
 
 
 def finetune_skip_reason(params: dict) -> str | None:
-    """Why this run does not fine-tune, or None when it does.
+    """Why this run does not fine-tune, or None when it does: no labels, or a model family without a classifier head."""
+    family = FAMILIES[read_profile(params["model"])["family"]]
+    if family.no_finetuning_reason:
+        return f"model profile {params['model']} ({family.name}): {family.no_finetuning_reason}; embeddings and report only"
+    return label_skip_reason(params)
+
+
+def label_skip_reason(params: dict) -> str | None:
+    """Why this run has no labels to fine-tune on, or None when it has them.
 
     The label column comes from the params; whether the input has it, from the obs columns that
     the validate stage recorded (qc/input_check.json). Before that file exists, the workflow decides.
@@ -170,12 +179,14 @@ def stage_command(params: dict, stage: str, data_dir: str, results_dir: str, mod
                   profiles_dir: str | None = None) -> list[str]:
     command = ["run", input_path(params, data_dir), "--model", params["model"], "--out",
                f"{results_dir}/{run_name(params)}", "--models-dir", models_dir, "--until", stage, "--cores", str(cores)]
-    if finetune_skip_reason(params):
+    if label_skip_reason(params):
         # No label column: no fine-tuning, and an embedding map not coloured by labels.
         command += ["--no-finetune", "--label-column", ""]
     else:
         command += ["--label-column", params["label_column"]]
-        if params.get("annotate"):
+        if finetune_skip_reason(params):  # labels colour the map, but the model family is not fine-tuned
+            command.append("--no-finetune")
+        elif params.get("annotate"):
             command += ["--annotate", input_path(params, data_dir, "annotate")]
     if profiles_dir:
         command += ["--profiles-dir", profiles_dir]
@@ -404,14 +415,14 @@ else:
 
 with DAG(
     dag_id="helixflow",
-    description="Geneformer embeddings of an .h5ad dataset with the helixflow workflow",
+    description="Geneformer or scGPT embeddings of an .h5ad dataset with the helixflow workflow",
     schedule=os.environ.get("HELIXFLOW_SCHEDULE") or None,
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=int(os.environ.get("HELIXFLOW_MAX_ACTIVE_RUNS", "2")),
     default_args=DEFAULT_ARGS,
     params=PARAMS,
-    tags=["helixflow", "geneformer"],
+    tags=["helixflow", "geneformer", "scgpt"],
     doc_md=__doc__,
 ) as helixflow_dag:
 

@@ -69,7 +69,7 @@ def _run_measured_step(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="helixflow",
-        description="Run Geneformer (through helical) over .h5ad datasets of any size as a Snakemake workflow.",
+        description="Run Geneformer or scGPT (through helical) over .h5ad datasets of any size as a Snakemake workflow.",
     )
     commands = parser.add_subparsers(metavar="COMMAND")
 
@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--profiles-dir", type=Path)
     source = stage.add_mutually_exclusive_group()
     source.add_argument("--tiny", action="store_true", help="a small random model and synthetic vocabulary (demo, tests)")
-    source.add_argument("--architecture", help="random weights with a real architecture, e.g. gf-6L-10M-i2048 (benchmarks)")
-    source.add_argument("--from", dest="from_path", type=Path, help="a folder or archive laid out like geneformer/<version>/")
+    source.add_argument("--architecture", help="random weights with a real architecture, e.g. gf-6L-10M-i2048, or scGPT's real (benchmarks)")
+    source.add_argument("--from", dest="from_path", type=Path, help="a folder or archive laid out like geneformer/<version>/, or scGPT's scGPT_CP folder")
     source.add_argument("--download", action="store_true", help="download from --base-url, verifying checksums")
     stage.add_argument("--base-url", help="download location; default: helical's bucket")
     stage.add_argument("--sha256", type=Path, help="JSON manifest {relative path: sha256} for --download")
@@ -224,7 +224,7 @@ def _add_step_parsers(commands) -> None:
     _add_chunk_arg(split)
     split.set_defaults(handler=cmd_step_split, metrics_step="split")
 
-    tokenize = steps.add_parser("tokenize", help="rank-value encode a chunk into an Arrow file")
+    tokenize = steps.add_parser("tokenize", help="tokenize a chunk into an Arrow file, as the profile's model family does")
     tokenize.add_argument("chunk", type=Path)
     tokenize.add_argument("out", type=Path)
     _add_model_args(tokenize)
@@ -305,11 +305,18 @@ def _add_step_parsers(commands) -> None:
 
 
 def _model_files(args):
-    from helixflow.model_files import ModelFiles
+    """The profile named by ``--profile``, and its model's staged files."""
     from helixflow.profiles import load_profile
 
     profile = load_profile(args.profile, args.profiles_dir)
-    return profile, ModelFiles(Path(args.models_dir) / profile["name"], profile["model_name"])
+    return profile, _staged_files(profile, args.models_dir)
+
+
+def _staged_files(profile: dict, models_dir: Path):
+    """Where a profile's model is staged under ``models_dir``: its family's model files."""
+    from helixflow.families import load_family
+
+    return load_family(profile["model_name"]).model_files(Path(models_dir) / profile["name"], profile["model_name"])
 
 
 def _symbol_map(args):
@@ -330,6 +337,7 @@ def cmd_run(args) -> int:
     if args.until == "annotate" and not args.annotate:
         raise HelixflowError(args.input, "--until annotate needs --annotate DATASET (the .h5ad to label)")
     profile = load_profile(args.model, args.profiles_dir)
+    _check_annotation_possible(profile, args.annotate)
     if args.until == "stage" and _is_staged(profile, args.models_dir, args.configfile):
         # The workflow has no stage_model job for a staged model: nothing to do.
         print(f"helixflow: model of profile {args.model} is already staged", file=sys.stderr)
@@ -429,7 +437,11 @@ def _run_snakemake(command: list[str], config: list[str], args, environment_path
                        check=True, capture_output=True, env=environment)
         print(f"helixflow: report:     {report}")
     if args.until in ("embed", FINAL_STAGE):
-        print(f"helixflow: embeddings: {args.out / 'embeddings' / 'embeddings.h5ad'} (obsm['X_geneformer'])")
+        from helixflow.families import FAMILIES
+        from helixflow.profiles import load_profile
+
+        key = FAMILIES[load_profile(args.model, args.profiles_dir)["family"]].embedding_key
+        print(f"helixflow: embeddings: {args.out / 'embeddings' / 'embeddings.h5ad'} (obsm['{key}'])")
     metrics_path = args.out / "evaluate" / "metrics.json"
     if args.until in ("evaluate", FINAL_STAGE) and metrics_path.is_file():
         for line in finetune_summary_lines(json.loads(metrics_path.read_text()), args.out / "finetune" / "model",
@@ -511,12 +523,10 @@ def _signal_group(pgid: int, signum: int) -> None:
 def _is_staged(profile: dict, models_dir: Path | None, configfile: Path) -> bool:
     import yaml
 
-    from helixflow.model_files import ModelFiles
-
     if models_dir is None:
         models_dir = Path(yaml.safe_load(configfile.read_text())["models_dir"])
     try:
-        ModelFiles(Path(models_dir) / profile["name"], profile["model_name"]).check()
+        _staged_files(profile, models_dir).check()
     except HelixflowError:
         return False
     return True
@@ -536,23 +546,17 @@ def cmd_info(args) -> int:
     lines["device"] = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
     lines["cpu threads"] = str(torch.get_num_threads())
     profile, files = _model_files(args)
-    lines.update({"profile": profile["name"], "model": profile["model_name"], "precision": profile["precision"],
+    lines.update({"profile": profile["name"], "model": f"{profile['model_name']} ({profile['family']})",
+                  "precision": profile["precision"],
                   "profile device": profile["device"], "model files": str(files.model_dir)})
     try:
         files.check()
     except HelixflowError as missing:
         lines["model status"] = f"not staged ({missing.problem})"
     else:
-        from helixflow.model_files import helical_geneformer
+        from helixflow.families import load_family
 
-        geneformer = helical_geneformer(files, batch_size=profile["embed"]["batch_size"])
-        config = geneformer.model.config
-        n_parameters = sum(p.numel() for p in geneformer.model.parameters())
-        lines["model status"] = "staged; loaded by helical.models.geneformer.Geneformer (offline)"
-        lines["architecture"] = (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-                                 f"{config.num_attention_heads} heads, {config.max_position_embeddings} positions, "
-                                 f"vocabulary {config.vocab_size}, {n_parameters / 1e6:.1f}M parameters")
-        lines["embedding layer"] = f"{geneformer.layer_to_quant} ({geneformer.emb_mode} mode)"
+        lines.update(load_family(profile["model_name"]).describe(files, batch_size=profile["embed"]["batch_size"]))
     width = max(map(len, lines))
     for key, value in lines.items():
         print(f"{key:<{width}}  {value}")
@@ -560,7 +564,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_model_stage(args) -> int:
-    from helixflow.model_files import stage_architecture, stage_download, stage_from_path, stage_synthetic
+    from helixflow.families import load_family
 
     profile, files = _model_files(args)
     source = profile["source"]
@@ -572,20 +576,10 @@ def cmd_model_stage(args) -> int:
         source = f"path:{args.from_path}"
     elif args.download:
         source = "download"
-    if source == "tiny":
-        stage_synthetic(files, seed=args.seed)
-    elif source.startswith("architecture:"):
-        stage_architecture(files, source.split(":", 1)[1], seed=args.seed)
-    elif source.startswith("path:"):
-        stage_from_path(files, Path(source.split(":", 1)[1]))
-    elif source == "download":
-        checksums = json.loads(args.sha256.read_text()) if args.sha256 else None
-        kwargs = {"base_url": args.base_url} if args.base_url else {}
-        stage_download(files, sha256=checksums, **kwargs)
-    # "staged": files must already be in place (air-gapped sites copy them). Every source
-    # ends with the dictionaries loaded by the restricted unpickler, refusing code.
-    files.load_dictionaries()
-    print(f"helixflow: staged {profile['model_name']} ({source}) in {files.model_dir}")
+    # "staged": files must already be in place (air-gapped sites copy them); the family checks them.
+    load_family(profile["model_name"]).stage(files, source, seed=args.seed, sha256_manifest=args.sha256,
+                                             base_url=args.base_url)
+    print(f"helixflow: staged {profile['family']} model {profile['model_name']} ({source}) in {files.model_dir}")
     return 0
 
 
@@ -640,25 +634,27 @@ def cmd_step_split(args) -> int:
 
 
 def cmd_step_tokenize(args) -> int:
-    from helixflow.tokenization import tokenize_chunk
+    from helixflow.families import load_family
 
-    _, files = _model_files(args)
+    profile, files = _model_files(args)
     started = time.monotonic()
-    cells = tokenize_chunk(args.chunk, files, args.out, args.gene_id_column, _symbol_map(args), threads=args.threads, progress=True)
+    cells = load_family(profile["model_name"]).tokenize_chunk(
+        args.chunk, files, args.out, gene_column=args.gene_id_column, symbol_map=_symbol_map(args),
+        threads=args.threads, progress=True)
     print(f"helixflow: tokenized {cells} cells in {time.monotonic() - started:.1f} s -> {args.out}")
     return cells
 
 
 def cmd_step_embed(args) -> int:
-    from helixflow.embedding import embed_chunk
-
+    from helixflow.families import load_family
     from helixflow.provenance import provenance
 
     profile, files = _model_files(args)
     started = time.monotonic()
-    cells = embed_chunk(args.tokens, args.chunk, files, args.out, args.batch_size or profile["embed"]["batch_size"],
-                        profile["device"], profile["precision"], args.threads, progress=True,
-                        provenance=provenance(files, profile["name"]))
+    cells = load_family(profile["model_name"]).embed_chunk(
+        args.tokens, args.chunk, files, args.out, batch_size=args.batch_size or profile["embed"]["batch_size"],
+        device=profile["device"], precision=profile["precision"], threads=args.threads, progress=True,
+        provenance=provenance(files, profile["name"]))
     print(f"helixflow: embedded {cells} cells in {time.monotonic() - started:.1f} s -> {args.out}")
     return cells
 
@@ -688,12 +684,32 @@ def cmd_step_finetune(args) -> int:
     from helixflow.finetune import finetune
 
     profile, files = _model_files(args)
+    _require_finetuning(profile)
     summary = finetune(args.split, args.tokens, files, profile, args.out_model, args.out_log, args.checkpoints,
                        args.seed, args.mlflow_uri, args.mlflow_experiment, args.label, args.threads)
     print(f"helixflow: fine-tuned in {summary['seconds_this_session']} s ({summary['stop_reason']}): kept epoch "
           f"{summary['kept']['epoch']:g}, validation accuracy {summary['validation_accuracy']:.4f} -> {args.out_model} "
           f"(MLflow run {summary['mlflow_run_id']})")
     return summary["train_cells"] + summary["validation_cells"]
+
+
+def _check_annotation_possible(profile: dict, annotate: Path | None) -> None:
+    """``--annotate`` needs a fine-tuned model: refuse it, before the run, for a family that is not fine-tuned."""
+    from helixflow.families import FAMILIES
+
+    reason = FAMILIES[profile["family"]].no_finetuning_reason
+    if annotate and reason:
+        raise HelixflowError(annotate, f"--annotate needs a fine-tuned model, and profile {profile['name']} "
+                                       f"({profile['family']}) is not fine-tuned: {reason}")
+
+
+def _require_finetuning(profile: dict) -> None:
+    """Refuse to fine-tune a model family that has no classifier head, saying why."""
+    from helixflow.families import FAMILIES
+
+    reason = FAMILIES[profile["family"]].no_finetuning_reason
+    if reason:
+        raise HelixflowError(profile["name"], f"cannot fine-tune a {profile['family']} model: {reason}")
 
 
 def cmd_step_evaluate(args) -> int:

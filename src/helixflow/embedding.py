@@ -22,13 +22,14 @@ from anndata.io import read_elem, write_elem
 from tqdm import tqdm
 
 from helixflow.errors import HelixflowError
+from helixflow.families import FAMILIES
 from helixflow.h5ad import append_obs, write_empty_matrix, write_growable_obs
 from helixflow.geneformer_models import model_facts
 from helixflow.model_files import ModelFiles
 from helixflow.outputs import atomic_path
 from helixflow.tokenization import open_tokens
 
-EMBEDDING_KEY = "X_geneformer"
+EMBEDDING_KEY = FAMILIES["geneformer"].embedding_key
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -154,14 +155,16 @@ def embed_chunk(
     return len(obs)
 
 
-def write_embedded_chunk(obs: pd.DataFrame, embeddings: np.ndarray, out: str | Path, *, provenance: dict | None = None) -> None:
+def write_embedded_chunk(obs: pd.DataFrame, embeddings: np.ndarray, out: str | Path, *, key: str = EMBEDDING_KEY,
+                         provenance: dict | None = None) -> None:
     """Write one chunk's embeddings file as ``gather`` reads it.
 
     The chunk's ``obs``, an empty ``X`` (cells by no genes), the ``(n_cells, hidden_size)``
-    float32 embeddings in ``obsm``, and ``provenance`` (if any) in ``uns["provenance"]``.
+    float32 embeddings in ``obsm[key]`` (the model family's key), and ``provenance`` (if any)
+    in ``uns["provenance"]``.
     """
     result = ad.AnnData(X=sp.csr_matrix((len(obs), 0), dtype=np.float32), obs=obs,
-                        obsm={EMBEDDING_KEY: np.asarray(embeddings, dtype=np.float32)},
+                        obsm={key: np.asarray(embeddings, dtype=np.float32)},
                         uns={"provenance": provenance} if provenance else None)
     with atomic_path(out) as partial:
         result.write_h5ad(partial)
@@ -173,17 +176,30 @@ def chunk_provenance(chunk_file: str | Path) -> dict | None:
         return read_elem(handle["uns/provenance"]) if "uns/provenance" in handle else None
 
 
+def embedding_key(handle: h5py.File) -> str:
+    """The ``obsm`` key of an embeddings file (a chunk's or the gathered one): its only ``obsm`` entry."""
+    keys = list(handle["obsm"]) if "obsm" in handle else []
+    if len(keys) != 1:
+        raise HelixflowError(handle.filename, f"an embeddings file holds one obsm entry, this one {len(keys)}; rerun embed")
+    return keys[0]
+
+
 def gather_embeddings(chunk_files: list[str | Path], out: str | Path, metadata: dict) -> int:
     """Concatenate per-chunk embedding files into one .h5ad, one chunk at a time.
 
-    ``obs`` and the embeddings are appended chunk by chunk into the output's datasets (h5py,
-    in anndata's on-disk layout), so memory is set by the chunk size, not by the number of
-    cells. Returns the number of cells gathered.
+    ``obs`` and the embeddings (under the chunks' one ``obsm`` key) are appended chunk by chunk
+    into the output's datasets (h5py, in anndata's on-disk layout), so memory is set by the chunk
+    size, not by the number of cells. Returns the number of cells gathered.
     """
-    shapes = []
+    shapes, keys = [], set()
     for path in chunk_files:
         with h5py.File(path, "r") as handle:
-            shapes.append(handle[f"obsm/{EMBEDDING_KEY}"].shape)
+            key = embedding_key(handle)
+            keys.add(key)
+            shapes.append(handle[f"obsm/{key}"].shape)
+    if len(keys) != 1:
+        raise HelixflowError(chunk_files[0], f"chunks hold embeddings of different models {sorted(keys)}; rerun embed")
+    key = keys.pop()
     widths = {width for _, width in shapes}
     if len(widths) != 1:
         raise HelixflowError(chunk_files[0], f"chunks hold embeddings of different widths {sorted(widths)}; rerun embed")
@@ -193,7 +209,7 @@ def gather_embeddings(chunk_files: list[str | Path], out: str | Path, metadata: 
         target.attrs["encoding-version"] = "0.1.0"
         write_empty_matrix(target, "X", n_cells)
         write_elem(target, "obsm", {})
-        embeddings = target["obsm"].create_dataset(EMBEDDING_KEY, (n_cells, widths.pop()), dtype=np.float32, chunks=True)
+        embeddings = target["obsm"].create_dataset(key, (n_cells, widths.pop()), dtype=np.float32, chunks=True)
         embeddings.attrs["encoding-type"] = "array"
         embeddings.attrs["encoding-version"] = "0.2.0"
         first = 0
@@ -205,7 +221,7 @@ def gather_embeddings(chunk_files: list[str | Path], out: str | Path, metadata: 
                     write_elem(target, "var", read_elem(source["var"]))
                 else:
                     append_obs(target["obs"], obs)
-                embeddings[first : first + len(obs)] = source[f"obsm/{EMBEDDING_KEY}"][()]
+                embeddings[first : first + len(obs)] = source[f"obsm/{key}"][()]
             first += len(obs)
         for key in ("varm", "obsp", "varp", "layers"):
             write_elem(target, key, {})

@@ -52,14 +52,26 @@ class ModelFiles:
     prefix: Path
     model_name: str
 
+    # Tokenization reads these; the weights matter only from the embed step on.
+    vocabulary_names = DICTIONARY_FILES
+
+    @property
+    def version(self) -> str:
+        """helical's folder of the model's generation (``v1``, ``v2``, ``v3``)."""
+        return model_facts(self.model_name)["version"]
+
     @property
     def version_dir(self) -> Path:
-        version = model_facts(self.model_name)["version"]
-        return Path(self.prefix) / ".cache" / "helical" / "models" / "geneformer" / version
+        return Path(self.prefix) / ".cache" / "helical" / "models" / "geneformer" / self.version
 
     @property
     def model_dir(self) -> Path:
         return self.version_dir / self.model_name
+
+    @property
+    def ready_file(self) -> Path:
+        """A file of the model folder, which is staged last and whole: present once the model is."""
+        return self.model_dir / "config.json"
 
     @property
     def token_dictionary(self) -> Path:
@@ -101,6 +113,14 @@ class ModelFiles:
         """Return the token, gene-median and Ensembl-mapping dictionaries, running no code."""
         self.check()
         return load_dictionaries(self.version_dir)
+
+    def staged_paths(self) -> dict[str, Path]:
+        """The staged files by their path under the models folder (``geneformer/v1/...``)."""
+        self.check()
+        base = self.version_dir.parent.parent
+        paths = [self.version_dir / name for name in DICTIONARY_FILES]
+        paths += sorted(path for path in self.model_dir.iterdir() if path.is_file() and not path.name.startswith("."))
+        return {path.relative_to(base).as_posix(): path for path in paths}
 
 
 def load_dictionaries(folder: Path) -> tuple[dict, dict, dict]:

@@ -16,7 +16,7 @@ import jsonschema
 import yaml
 
 from helixflow.errors import HelixflowError
-from helixflow.geneformer_models import model_facts
+from helixflow.families import model_family
 from helixflow.steps import STEPS
 
 # Kept light (no model stack): the Airflow DAG loads profiles with this module.
@@ -47,7 +47,7 @@ def load_profile(name: str, profiles_dir: str | Path | None = None) -> dict:
     ------
     HelixflowError
         When the profile does not exist (the message lists those that do), is not valid
-        YAML, breaks the schema, or names a model helical does not know.
+        YAML, breaks the schema, or names a model no family of :mod:`helixflow.families` knows.
     """
     profiles_dir = Path(profiles_dir or DEFAULT_PROFILES_DIR)
     path = profiles_dir / f"{name}.yaml"
@@ -68,7 +68,7 @@ def load_profile(name: str, profiles_dir: str | Path | None = None) -> dict:
         raise HelixflowError(path, f"invalid profile at {where}: {error.message}")
     if profile["name"] != name:
         raise HelixflowError(path, f"profile name '{profile['name']}' differs from its file name '{name}'")
-    model_facts(profile["model_name"])
+    profile["family"] = model_family(profile["model_name"]).name  # derived, never written in a profile
     train = profile["train"]
     check_train_settings(train, train["precision"] or profile["precision"], profile["device"], f"{path}: train")
     return profile

@@ -28,15 +28,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from helixflow.errors import HelixflowError
-from helixflow.geneformer_models import model_facts
-from helixflow.model_files import DICTIONARY_FILES, ModelFiles
 
 CHECKSUM_CACHE_ENV = "HELIXFLOW_MODEL_CHECKSUMS"
 # Packages recorded in every provenance record (helical: the reference implementation and the
 # model loader of `helixflow info`; the workflow steps do not import it).
 RECORDED_PACKAGES = ("helixflow", "helical", "torch", "transformers", "anndata", "deepspeed", "snakemake")
 # What each rule's results depend on besides its input files: the packages whose code computes
-# them, and which model files ("dictionaries": the gene vocabulary and medians; "all": also the
+# them, and which model files ("dictionaries": the files tokenization reads, the vocabulary; "all": also the
 # weights). Rules not listed depend on helixflow only.
 STEP_DEPENDENCIES: dict[str, tuple[tuple[str, ...], str | None]] = {
     "validate_input": (("helixflow",), "dictionaries"),
@@ -66,20 +64,11 @@ def software_versions(packages: tuple[str, ...] = RECORDED_PACKAGES) -> dict[str
     return {**{name: package_version(name) for name in packages}, "python": platform.python_version()}
 
 
-def model_file_paths(files: ModelFiles) -> dict[str, Path]:
-    """The staged model's files by their path under the models folder (``geneformer/v1/...``)."""
-    files.check()
-    base = files.version_dir.parent.parent
-    paths = [files.version_dir / name for name in DICTIONARY_FILES]
-    paths += sorted(path for path in files.model_dir.iterdir() if path.is_file() and not path.name.startswith("."))
-    return {path.relative_to(base).as_posix(): path for path in paths}
-
-
-def model_checksums(files: ModelFiles) -> dict[str, str]:
-    """SHA-256 of every staged model file, by :func:`model_file_paths` name (cached, see the module)."""
+def model_checksums(files) -> dict[str, str]:
+    """SHA-256 of every staged model file, by its name under the models folder (cached, see the module)."""
     cache = json.loads(os.environ.get(CHECKSUM_CACHE_ENV) or "{}")
     checksums = {}
-    for name, path in model_file_paths(files).items():
+    for name, path in files.staged_paths().items():
         stat = path.stat()
         key = str(path.resolve())
         cached = cache.get(key)
@@ -96,10 +85,10 @@ def model_checksums(files: ModelFiles) -> dict[str, str]:
     return checksums
 
 
-def model_record(files: ModelFiles, profile_name: str) -> dict:
+def model_record(files, profile_name: str) -> dict:
     """The model part of a provenance record: profile, helical model name and version, checksums."""
     # In an .h5ad's uns, the '/' of each path makes nested groups: flat_checksums reads them back.
-    return {"profile": profile_name, "name": files.model_name, "version": model_facts(files.model_name)["version"],
+    return {"profile": profile_name, "name": files.model_name, "version": files.version,
             "files_sha256": model_checksums(files)}
 
 
@@ -114,12 +103,12 @@ def flat_checksums(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def provenance(files: ModelFiles, profile_name: str) -> dict:
+def provenance(files, profile_name: str) -> dict:
     """The provenance record of this process: software versions and the model."""
     return {"software": software_versions(), "model": model_record(files, profile_name)}
 
 
-def step_fingerprint(step: str, files: ModelFiles) -> str:
+def step_fingerprint(step: str, files) -> str:
     """The versions and model checksums that ``step``'s results depend on, as one line.
 
     A model that is not staged yet (the workflow's ``stage_model`` job will stage it) has no
@@ -133,7 +122,7 @@ def step_fingerprint(step: str, files: ModelFiles) -> str:
         except HelixflowError:
             checksums = {}  # not staged: the job that needs the model waits for stage_model
         if model_part == "dictionaries":
-            checksums = {name: value for name, value in checksums.items() if Path(name).name in DICTIONARY_FILES}
+            checksums = {name: value for name, value in checksums.items() if Path(name).name in files.vocabulary_names}
         digest = hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()
         parts.append(f"model={files.model_name} model_files_sha256={digest if checksums else 'not staged'}")
     return " ".join(parts)

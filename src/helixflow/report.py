@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from helixflow.embedding import EMBEDDING_KEY
+from helixflow.embedding import embedding_key
 from helixflow.errors import HelixflowError
 from helixflow.h5ad import read_obs_column, read_rows
 from helixflow.metrics import read_records
@@ -42,10 +42,12 @@ def plot_embedding_map(
     from sklearn.neighbors import KNeighborsClassifier
 
     with h5py.File(h5ad, "r") as handle:
-        n_cells = handle[f"obsm/{EMBEDDING_KEY}"].shape[0]
+        key = embedding_key(handle)  # the model family's
+        stored = handle["obsm"][key]
+        n_cells = stored.shape[0]
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(n_cells, size=min(n_cells, max_cells), replace=False))
-        embeddings = read_rows(handle[f"obsm/{EMBEDDING_KEY}"], rows)  # only the sampled cells are read
+        embeddings = read_rows(stored, rows)  # only the sampled cells are read
         labels = None
         if label:
             columns = list(handle["obs"].attrs["column-order"])
@@ -53,18 +55,18 @@ def plot_embedding_map(
                 raise HelixflowError(h5ad, f"no obs column '{label}' to colour by (columns: {', '.join(columns)})")
             labels = read_obs_column(handle, label, rows)
     finite = np.isfinite(embeddings).all(axis=1)
-    sample = ad.AnnData(obsm={EMBEDDING_KEY: embeddings[finite]})
+    sample = ad.AnnData(obsm={key: embeddings[finite]})
     sample.obs_names = [str(r) for r in rows[finite]]
     if labels is not None:
         colour, colour_title = label, label
         sample.obs[label] = pd.Categorical(labels[finite].astype(str))
     else:
-        colour, clusters = "cluster", embedding_clusters(sample.obsm[EMBEDDING_KEY], seed)
+        colour, clusters = "cluster", embedding_clusters(sample.obsm[key], seed)
         colour_title = f"k-means cluster (k={clusters.categories.size})"
         sample.obs[colour] = clusters
     # Exact neighbours (sklearn): cheap for max_cells cells, and past 4,096 cells scanpy 1.11's default
     # (pynndescent) hands scipy 1.17 a csr_array that its neighbour shortcut cannot read (no getnnz).
-    sc.pp.neighbors(sample, use_rep=EMBEDDING_KEY, n_neighbors=min(15, max(2, sample.n_obs - 1)), random_state=seed,
+    sc.pp.neighbors(sample, use_rep=key, n_neighbors=min(15, max(2, sample.n_obs - 1)), random_state=seed,
                     transformer="sklearn")
     sc.tl.umap(sample, random_state=seed)
 
@@ -72,7 +74,7 @@ def plot_embedding_map(
                "coloured_by": label if labels is not None else f"{colour_title} of the embeddings (no labels)"}
     if labels is not None and sample.obs[label].nunique() > 1:
         scored = min(sample.n_obs, 5_000)
-        points, truth = sample.obsm[EMBEDDING_KEY][:scored], sample.obs[label].to_numpy()[:scored]
+        points, truth = sample.obsm[key][:scored], sample.obs[label].to_numpy()[:scored]
         summary["silhouette"] = float(silhouette_score(points, truth))
         # Share of cells whose 15 nearest neighbours vote for their own label (3-fold CV).
         folds = min(3, int(pd.Series(truth).value_counts().min()))

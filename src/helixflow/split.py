@@ -16,9 +16,8 @@ from anndata.io import read_elem, sparse_dataset, write_elem
 from helixflow.errors import HelixflowError
 from helixflow.h5ad import (COUNTS_OPTION, counts_key, counts_sources, gene_table_key, inspect_h5ad, iter_row_blocks,
                             obs_has_column, read_obs_rows, read_var)
-from helixflow.model_files import ModelFiles
+from helixflow.families import load_family
 from helixflow.outputs import atomic_path
-from helixflow.tokenization import CellTokenizer
 
 BLOCK_CELLS = 10_000  # cells read at once: bounds memory independently of chunk size
 SAMPLE_CELLS = 1_000  # cells whose values tell raw counts from normalised ones
@@ -31,7 +30,7 @@ LOGGER = logging.getLogger(__name__)
 
 def validate_input(
     path: str | Path,
-    files: ModelFiles,
+    files,
     out: str | Path,
     gene_id_column: str = "auto",
     symbol_map: dict[str, str] | None = None,
@@ -46,7 +45,8 @@ def validate_input(
     value of the counts in one streaming pass: NaN and infinite values are always refused,
     negative and non-integer ones with ``require_raw_counts``. Duplicate cell names are
     accepted (outputs keep the input's order and names) and reported. The summary says what
-    was chosen and why; the log says it too.
+    was chosen and why; the log says it too. ``files`` are the model's staged files, of any
+    family (:mod:`helixflow.families`), whose tokenizer matches the genes.
     """
     path = Path(path)
     source, reason = choose_counts_source(path, counts_source, require_raw_counts)
@@ -54,7 +54,8 @@ def validate_input(
     with h5py.File(path, "r") as handle:
         # What an orchestrator decides on (e.g. whether the label column is there) without the data.
         obs_columns = [str(column) for column in handle["obs"].attrs.get("column-order", [])]
-    tokenizer = CellTokenizer(files, read_var(path, source), gene_id_column, symbol_map, path)
+    tokenizer = load_family(files.model_name).gene_tokenizer(files, read_var(path, source), gene_column=gene_id_column,
+                                                             symbol_map=symbol_map, path=path)
     genes = dict(tokenizer.mapping.report, table=gene_table_key(source))
     warnings = []
     if genes["share_in_vocabulary"] < LOW_VOCABULARY_SHARE:
@@ -92,7 +93,7 @@ def validate_input(
                 genes["holds"], ", detected" if genes["detected"] else "",
                 f"{genes['in_vocabulary']:,}", f"{genes['genes']:,}", files.model_name,
                 "; ".join(f"{what}: {n:,}" for what, n in genes["matched_by"].items()) or "none")
-    if genes["version_suffixes_stripped"]:
+    if genes.get("version_suffixes_stripped"):  # Geneformer's Ensembl ids only
         LOGGER.info("gene ids: stripped the version suffix of %s Ensembl ids", f"{genes['version_suffixes_stripped']:,}")
     if label_column and not summary["label_column"]["present"]:
         LOGGER.info("labels: obs has no column '%s': cells are embedded, not fine-tuned on", label_column)

@@ -10,12 +10,20 @@ embedded alone (batch size 1).
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
+import h5py
 import numpy as np
 import torch
+from anndata.io import read_elem
 from tqdm import tqdm
 
+from helixflow.embedding import PRECISIONS, resolve_device, write_embedded_chunk
 from helixflow.errors import HelixflowError
+from helixflow.families import FAMILIES
 from helixflow.scgpt.files import PAD_TOKEN, ScGPTFiles, build_transformer
+from helixflow.tokenization import open_tokens
 
 EMBEDDING_MODES = ("cell", "cls")
 # What helical's _encode reads; a checkpoint must bring all of them (helical would quietly
@@ -123,3 +131,29 @@ def embed_token_table(files: ScGPTFiles, table, *, batch_size: int, device: torc
         mode=mode,
         progress=progress,
     )
+
+
+def embed_chunk(tokens_path: str | Path, chunk_path: str | Path, files: ScGPTFiles, out: str | Path, *,
+                batch_size: int, device: str = "auto", precision: str = "fp32", threads: int | None = None,
+                progress: bool = False, provenance: dict | None = None) -> int:
+    """Embed one tokenized chunk; write the chunk's ``obs`` and ``obsm["X_scgpt"]`` as ``gather`` reads it.
+
+    ``precision`` other than fp32 runs the encoder under autocast; ``provenance`` goes to
+    ``uns["provenance"]``. Returns the number of cells embedded.
+    """
+    if precision not in PRECISIONS:
+        raise HelixflowError("precision", f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    table = open_tokens(tokens_path)
+    with h5py.File(chunk_path, "r") as handle:
+        obs = read_elem(handle["obs"])
+    if table.num_rows != len(obs):
+        raise HelixflowError(tokens_path, f"holds {table.num_rows} cells but {chunk_path} holds {len(obs)}; rerun tokenize")
+    torch_device = resolve_device(device)
+    autocast = (torch.autocast(device_type=torch_device.type, dtype=PRECISIONS[precision])
+                if precision != "fp32" else contextlib.nullcontext())
+    with autocast:
+        embeddings = embed_token_table(files, table, batch_size=batch_size, device=torch_device, progress=progress)
+    write_embedded_chunk(obs, embeddings, out, key=FAMILIES["scgpt"].embedding_key, provenance=provenance)
+    return len(obs)

@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from helixflow import synthetic
 from helixflow.errors import HelixflowError
+from helixflow.families import SCGPT_MODEL_NAME
 from helixflow.outputs import atomic_path
 
 LOGGER = logging.getLogger(__name__)
 
 MODEL_FOLDER = "scGPT_CP"  # helical 2.2.0's only scGPT checkpoint
 VOCABULARY_FILE = "vocab.json"
-WEIGHTS_FILE = "best_model.pt"
+WEIGHTS_FILE = f"{SCGPT_MODEL_NAME}.pt"
 ARGS_FILE = "args.json"
 # scGPT's vocabularies end with these, after the genes (<eoc>: end of cell, unused for embedding).
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
@@ -58,9 +60,18 @@ class ScGPTFiles:
 
     prefix: Path
 
+    model_name = SCGPT_MODEL_NAME
+    version = MODEL_FOLDER
+    vocabulary_names = (VOCABULARY_FILE,)  # what tokenization reads
+
     @property
     def model_dir(self) -> Path:
         return Path(self.prefix) / ".cache" / "helical" / "models" / "scgpt" / MODEL_FOLDER
+
+    @property
+    def ready_file(self) -> Path:
+        """A file of the model folder, which is staged whole: present once the model is."""
+        return self.weights
 
     @property
     def vocabulary(self) -> Path:
@@ -82,6 +93,13 @@ class ScGPTFiles:
                 self.model_dir,
                 f"scGPT model is not staged (missing {', '.join(missing)}); run 'helixflow model stage' first",
             )
+
+    def staged_paths(self) -> dict[str, Path]:
+        """The staged files by their path under the models folder (``scgpt/scGPT_CP/...``)."""
+        self.check()
+        base = self.model_dir.parent.parent
+        return {path.relative_to(base).as_posix(): path for path in sorted(self.model_dir.iterdir())
+                if path.is_file() and not path.name.startswith(".")}
 
     def load_vocabulary(self) -> dict[str, int]:
         """Return the vocabulary (gene symbol or special token to token id), checked."""
@@ -180,6 +198,24 @@ def stage_synthetic(files: ScGPTFiles, *, architecture: str = "tiny", n_genes: i
         (model_dir / ARGS_FILE).write_text(json.dumps(args, indent=1))
         torch.save(model.state_dict(), model_dir / WEIGHTS_FILE)
     LOGGER.info("staged a %s scGPT model (%d genes) in %s", architecture, n_genes, files.model_dir)
+
+
+def stage_from_path(files: ScGPTFiles, source: Path) -> None:
+    """Stage from a folder holding ``vocab.json`` and ``best_model.pt`` (and ``args.json``, if any), checked first.
+
+    The vocabulary is read before anything is staged; the staged files are the source's bytes.
+    """
+    source = Path(source)
+    missing = [name for name in (VOCABULARY_FILE, WEIGHTS_FILE) if not (source / name).is_file()]
+    if missing:
+        raise HelixflowError(source, f"not an scGPT model folder: missing {', '.join(missing)}")
+    read_vocabulary(source / VOCABULARY_FILE)
+    with atomic_path(files.model_dir) as model_dir:
+        model_dir.mkdir(parents=True)
+        for name in (VOCABULARY_FILE, WEIGHTS_FILE, ARGS_FILE):
+            if (source / name).is_file():
+                shutil.copy2(source / name, model_dir / name)
+    LOGGER.info("staged the scGPT model of %s in %s", source, files.model_dir)
 
 
 def helical_scgpt(files: ScGPTFiles, *, batch_size: int = 24, device: str = "cpu", **config):

@@ -119,11 +119,13 @@ def map_symbols(var: pd.DataFrame, vocabulary: dict[str, int], *, gene_column: s
         LOGGER.warning("%s: %d genes repeat a symbol of another column; each keeps its own token", path, repeated)
     report = {
         "column": described,
+        "holds": "gene symbols",  # what scGPT's vocabulary is keyed by
         "detected": detected,
         "genes": len(var),
         "in_vocabulary": int(in_vocabulary.sum()),
         "share_in_vocabulary": round(float(in_vocabulary.mean()), 4),
         "repeated_symbols": repeated,
+        "matched_by": {"gene symbol in the scGPT vocabulary": int(in_vocabulary.sum())},
     }
     return SymbolMapping(token_of_column=token_of_column, report=report)
 
@@ -196,6 +198,12 @@ class ScGPTTokenizer:
         self.cls_value = settings["pad_value"]  # helical gives <cls> the pad value
         self.max_length = settings["max_seq_len"]
         self.n_bins = settings["n_bins"]
+
+    @property
+    def n_vocabulary_genes(self) -> int:
+        """Distinct vocabulary genes of the dataset."""
+        tokens = self.mapping.token_of_column
+        return len(np.unique(tokens[tokens >= 0]))
 
     def encode(self, counts: sp.csr_matrix) -> pa.RecordBatch:
         """Return one Arrow record batch (``input_ids``, ``binned_values``, ``length``) for a block of cells."""

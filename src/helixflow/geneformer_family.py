@@ -1,0 +1,78 @@
+"""Geneformer behind :class:`helixflow.families.FamilyAdapter`: the existing modules, unchanged.
+
+Genes are read as Ensembl ids (or symbols mapped to them), cells rank-value encoded
+(:mod:`helixflow.tokenization`) and embedded as the mean of the encoder's last layer
+(:mod:`helixflow.embedding`); the classifier head is :mod:`helixflow.classifier`'s.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from helixflow.model_files import ModelFiles
+
+def model_files(prefix: Path, model_name: str) -> ModelFiles:
+    """Where a Geneformer model is staged under ``prefix``."""
+    return ModelFiles(Path(prefix), model_name)
+
+
+def stage(files: ModelFiles, source: str, *, seed: int, sha256_manifest: Path | None = None,
+          base_url: str | None = None) -> None:
+    """Stage from a profile's ``source`` (``helixflow model stage``); load the dictionaries to check them.
+
+    Every source ends with the dictionaries loaded by the restricted unpickler, refusing code;
+    ``staged`` only checks files already in place (air-gapped sites copy them).
+    """
+    from helixflow.model_files import stage_architecture, stage_download, stage_from_path, stage_synthetic
+
+    if source == "tiny":
+        stage_synthetic(files, seed=seed)
+    elif source.startswith("architecture:"):
+        stage_architecture(files, source.split(":", 1)[1], seed=seed)
+    elif source.startswith("path:"):
+        stage_from_path(files, Path(source.split(":", 1)[1]))
+    elif source == "download":
+        checksums = json.loads(sha256_manifest.read_text()) if sha256_manifest else None
+        stage_download(files, sha256=checksums, **({"base_url": base_url} if base_url else {}))
+    files.load_dictionaries()
+
+
+def gene_tokenizer(files: ModelFiles, var, *, gene_column: str, symbol_map: dict | None, path: Path):
+    """The tokenizer of a dataset's genes (its ``mapping.report`` says how they matched)."""
+    from helixflow.tokenization import CellTokenizer
+
+    return CellTokenizer(files, var, gene_column, symbol_map, path)
+
+
+def tokenize_chunk(chunk: Path, files: ModelFiles, out: Path, *, gene_column: str, symbol_map: dict | None,
+                   threads: int, progress: bool) -> int:
+    """Rank-value encode one chunk into an Arrow file; return its cells."""
+    from helixflow.tokenization import tokenize_chunk as rank_value_tokenize
+
+    return rank_value_tokenize(chunk, files, out, gene_column, symbol_map, threads=threads, progress=progress)
+
+
+def embed_chunk(tokens: Path, chunk: Path, files: ModelFiles, out: Path, *, batch_size: int, device: str,
+                precision: str, threads: int | None, progress: bool, provenance: dict | None) -> int:
+    """Embed one tokenized chunk into the file ``gather`` reads; return its cells."""
+    from helixflow.embedding import embed_chunk as embed_geneformer_chunk
+
+    return embed_geneformer_chunk(tokens, chunk, files, out, batch_size, device, precision, threads, progress,
+                                  provenance=provenance)
+
+
+def describe(files: ModelFiles, *, batch_size: int) -> dict[str, str]:
+    """The staged model as helical's own ``Geneformer`` loads it (``helixflow info``)."""
+    from helixflow.model_files import helical_geneformer
+
+    geneformer = helical_geneformer(files, batch_size=batch_size)
+    config = geneformer.model.config
+    n_parameters = sum(p.numel() for p in geneformer.model.parameters())
+    return {
+        "model status": "staged; loaded by helical.models.geneformer.Geneformer (offline)",
+        "architecture": (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+                         f"{config.num_attention_heads} heads, {config.max_position_embeddings} positions, "
+                         f"vocabulary {config.vocab_size}, {n_parameters / 1e6:.1f}M parameters"),
+        "embedding layer": f"{geneformer.layer_to_quant} ({geneformer.emb_mode} mode)",
+    }
