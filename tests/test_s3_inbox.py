@@ -19,8 +19,8 @@ import helixflow_inbox as inbox  # noqa: E402
 class Runs:
     """The helixflow DAG runs the S3 inbox started, with the states a test gives them."""
 
-    def __init__(self, bucket: str):
-        self.bucket = bucket
+    def __init__(self, bucket_name: str):
+        self.bucket = bucket_name
         self.states = {}
 
     def poll(self, state: dict) -> tuple[list[dict], dict]:
