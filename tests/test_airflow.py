@@ -20,6 +20,7 @@ import pytest
 from airflow_helpers import (AIRFLOW, AIRFLOW_VENV, airflow_cli, airflow_env, api_server, dags_test,
                              init_db, local_env, require_airflow)
 from conftest import PROJECT_DIR, require_service
+from test_object_storage import aws_environment, bucket, s3_server  # noqa: F401 - fixtures
 
 # HELIXFLOW_TEST_IMAGE: a tag of one's own where several checkouts share one podman storage.
 IMAGE = os.environ.get("HELIXFLOW_TEST_IMAGE", "helixflow:0.1.0")  # compose.yaml's default tag
@@ -268,6 +269,34 @@ def test_local_execution_runs_the_same_stages_without_docker(tmp_path):
     assert (results / "cells" / "embeddings" / "embeddings.h5ad").is_file()
     assert not (results / "cells" / "report.html").exists()  # the report stage was not selected
     assert "'cells': 300" in output
+
+
+def test_local_execution_from_an_s3_input_puts_the_results_in_the_bucket_manifest_last(tmp_path, bucket):  # noqa: F811
+    """An s3:// input (moto's server): the first stage stages it into the run's folder, the others
+    reuse that copy; ``upload`` puts the results under HELIXFLOW_S3_RESULTS/<run>/, _SUCCESS last."""
+    require_airflow()
+    from helixflow.object_storage import s3_client
+
+    helixflow = shutil.which("helixflow")
+    data, results, home = tmp_path / "data", tmp_path / "results", tmp_path / "home"
+    subprocess.run([helixflow, "demo-data", tmp_path / "cells.h5ad", "--cells", "300", "--seed", "4"], check=True,
+                   capture_output=True)
+    client = s3_client()
+    client.upload_file(str(tmp_path / "cells.h5ad"), bucket, "inbox/cells.h5ad")
+    env = local_env(home, data, results, helixflow, HELIXFLOW_S3_RESULTS=f"s3://{bucket}/results")
+    init_db(env)
+    run = dags_test(env, {"input": f"s3://{bucket}/inbox/cells.h5ad", "model": "tiny", "stages": LOCAL_STAGES})
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-6000:]
+    assert output.count("downloading s3://") == 1 and output.count("cache hit") == len(LOCAL_STAGES) - 1, output[-6000:]
+    assert list((results / "cells" / ".s3-cache").glob("*/cells.h5ad"))
+
+    listed = client.list_objects_v2(Bucket=bucket, Prefix="results/cells/")["Contents"]
+    keys = {item["Key"].removeprefix("results/cells/"): item for item in listed}
+    manifest = json.loads(client.get_object(Bucket=bucket, Key="results/cells/_SUCCESS")["Body"].read())
+    assert set(keys) == {entry["path"] for entry in manifest["files"]} | {"_SUCCESS"}
+    assert "embeddings/embeddings.h5ad" in keys and not [k for k in keys if k.startswith((".snakemake/", ".s3-cache/"))]
+    assert keys["_SUCCESS"]["LastModified"] >= max(item["LastModified"] for item in listed)
 
 
 def test_slurm_param_hands_the_stage_to_a_slurm_profile():
