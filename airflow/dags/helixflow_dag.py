@@ -63,6 +63,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 from helixflow.local_resources import SNAKEMAKE_RESERVE_MB
 from helixflow.object_storage import is_s3_url, parse_s3_url
 from helixflow.profiles import list_profiles, load_profile, step_resources
+from helixflow.run_lock import LOCK_NAME
 from helixflow.steps import stage_steps, stages
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ DEFAULT_ARGS = {
 # for every stage (snakemake resumes only if its input keeps its path and age).
 S3_CACHE_FOLDER = ".s3-cache"
 # In a run's folder but not results: snakemake's state, the run lock, the staged input.
-NOT_RESULTS = frozenset({".snakemake", ".helixflow-run.lock", S3_CACHE_FOLDER})
+NOT_RESULTS = frozenset({".snakemake", LOCK_NAME, S3_CACHE_FOLDER})
 # boto3's settings and the cache's limit (handed to the stages of s3:// inputs); the credentials (handed privately).
 S3_SETTINGS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "HELIXFLOW_S3_CACHE_MAX_GB")
 AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -430,7 +431,7 @@ else:
         """One workflow stage as a local ``helixflow run`` process, in the run's results folder."""
 
         def __init__(self, *, stage: str, **kwargs):
-            super().__init__(bash_command="false", env=stage_environment(), append_env=True, **kwargs)
+            super().__init__(bash_command="false", append_env=True, **kwargs)
             self.stage = stage
 
         def execute(self, context):
@@ -440,7 +441,7 @@ else:
             Path(self.cwd).mkdir(parents=True, exist_ok=True)
             command = stage_command(params, self.stage, DATA_DIR, RESULTS_DIR, LOCAL_MODELS_DIR, limits["cpus"],
                                     os.environ.get("HELIXFLOW_PROFILES_DIR"))
-            # The credentials come with the inherited environment (append_env).
+            # The S3 credentials come with the inherited environment (append_env), not in this templated field.
             self.env = {**stage_environment(), **s3_stage_environment(params, RESULTS_DIR)[0]}
             self.bash_command = shlex.join(["exec", os.environ.get("HELIXFLOW_BIN", "helixflow"), *command])
             self.log.info("helixflow stage: %s", self.bash_command)
