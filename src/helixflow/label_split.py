@@ -18,7 +18,7 @@ from anndata.io import read_elem
 
 from helixflow.errors import HelixflowError
 from helixflow.outputs import atomic_path
-from helixflow.tokenization import open_tokens
+from helixflow.tokenization import read_token_lengths
 
 TRAIN, VALIDATION, EXCLUDED = "train", "validation", "excluded"
 SPLIT_COLUMNS = ["cell_index", "cell_id", "chunk", "row", "label", "split"]
@@ -122,7 +122,7 @@ def draw_uniform(rng: np.random.Generator, n_block: int, n_left: int, wanted_lef
 def _chunk_cells(chunk_path: str | Path, tokens_path: str | Path, label_column: str) -> pd.DataFrame:
     """One chunk's ``cell_id`` and ``label``; NA for cells without any vocabulary gene."""
     cells = read_chunk_labels(chunk_path, label_column)
-    lengths = open_tokens(tokens_path).column("length").to_numpy()
+    lengths = read_token_lengths(tokens_path)
     if len(lengths) != len(cells):
         raise HelixflowError(tokens_path, f"holds {len(lengths)} cells but {chunk_path} holds {len(cells)}; rerun tokenize")
     cells.loc[lengths == 0, "label"] = pd.NA

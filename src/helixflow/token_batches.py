@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 from helixflow.errors import HelixflowError
 from helixflow.label_split import iter_label_split
-from helixflow.tokenization import open_tokens
+from helixflow.tokenization import open_tokens, read_token_lengths
 
 LENGTH_WINDOW_BATCHES = 50  # training cells are length-sorted within windows of this many batches
 SCORING_BLOCK_CELLS = 20_000  # cells scored at once: only their probabilities are held as floats
@@ -32,13 +33,16 @@ class TokenStore:
     """
 
     def __init__(self, paths: list[str | Path]) -> None:
-        self.columns = {}
-        self.lengths = {}
-        for path in paths:
-            table = open_tokens(path)
-            self.columns[Path(path).stem] = table.column("input_ids")
-            self.lengths[Path(path).stem] = table.column("length").to_numpy().astype(np.int32, copy=False)
-        self.chunk_names = list(self.columns)
+        self.paths = {Path(path).stem: path for path in paths}
+        self.lengths = {name: read_token_lengths(path) for name, path in self.paths.items()}
+        self.chunk_names = list(self.paths)
+        self._input_ids = {}  # mapped on first use: a chunk's token ids enter memory only when read
+
+    def input_ids(self, name: str) -> pa.ChunkedArray:
+        """The token ids column of chunk ``name``."""
+        if name not in self._input_ids:
+            self._input_ids[name] = open_tokens(self.paths[name]).column("input_ids")
+        return self._input_ids[name]
 
     def chunk_codes(self, chunks) -> np.ndarray:
         """Position of each cell's chunk among ``chunk_names`` (int32; 4 bytes a cell, not a string)."""
@@ -60,7 +64,7 @@ class TokenStore:
 
     def cells(self, codes: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
         """Token ids of the given cells, in the order asked for."""
-        return [self.columns[self.chunk_names[code]][int(row)].values.to_numpy(zero_copy_only=False)
+        return [self.input_ids(self.chunk_names[code])[int(row)].values.to_numpy(zero_copy_only=False)
                 for code, row in zip(codes, rows)]
 
 
@@ -170,11 +174,15 @@ class LabelledCells:
     @classmethod
     def read(cls, split_path: str | Path, part: str, labels: list[str], store: TokenStore) -> LabelledCells:
         """The cells of ``part`` of a label split file, read block by block (no cell ids, no strings kept)."""
-        blocks = []
+        fields = ("chunk_codes", "rows", "lengths", "targets")
+        pieces = {field: [] for field in fields}
         for block in iter_label_split(split_path, ["chunk", "row", "label", "split"]):
-            block = cls.from_split(block[block["split"] == part], labels, store)
-            blocks.append((block.chunk_codes, block.rows, block.lengths, block.targets))
-        return cls(store, *(np.concatenate(parts) for parts in zip(*blocks))) if blocks else cls(store, *(np.empty(0, np.int32),) * 4)
+            cells = cls.from_split(block[block["split"] == part], labels, store)
+            for field in fields:
+                pieces[field].append(getattr(cells, field))
+        # One field at a time, its pieces dropped once joined: the cells are held about once, not twice.
+        arrays = {field: np.concatenate(pieces.pop(field)) for field in fields}
+        return cls(store, **arrays)
 
     def __len__(self) -> int:
         return len(self.rows)

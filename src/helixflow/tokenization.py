@@ -400,6 +400,22 @@ def open_tokens(path: str | Path) -> pa.Table:
         raise HelixflowError(path, f"not a readable tokenized chunk ({error})") from None
 
 
+def read_token_lengths(path: str | Path) -> np.ndarray:
+    """Tokens per cell of a tokenized chunk (int32), read without touching the token ids.
+
+    Arrow asks the kernel to read ahead every buffer it maps, so reading the whole table would
+    bring the chunk's token ids into this process's memory; only the ``length`` column is read.
+    """
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            column = pa.ipc.open_file(source).schema.get_field_index("length")
+            options = pa.ipc.IpcReadOptions(included_fields=[column])
+            lengths = pa.ipc.open_file(source, options=options).read_all().column("length")
+            return np.array(lengths.to_numpy(), dtype=np.int32)  # a copy: the map closes here
+    except (OSError, pa.ArrowInvalid, KeyError) as error:
+        raise HelixflowError(path, f"not a readable tokenized chunk ({error})") from None
+
+
 def tokenize_chunk(
     chunk_path: str | Path,
     files: ModelFiles,
