@@ -161,7 +161,7 @@ def main() -> None:
 
 def write_doc(results: dict, command: str) -> None:
     """Replace the generated section of docs/benchmarks.md with these results."""
-    lines = [BEGIN, f"Measured {results['date']} on {results['machine']}, torch {results['torch']}, with `{command}`.", ""]
+    lines = [f"Measured {results['date']} on {results['machine']}, torch {results['torch']}, with `{command}`.", ""]
     lines += ["**split** (last chunk of a dataset, peak RSS; anchor: read the whole file with anndata and slice):", "",
               "| cells in dataset | chunk | helixflow s | helixflow peak MB | naive s | naive peak MB |", "|---:|---:|---:|---:|---:|---:|"]
     for r in results["split"]:
@@ -179,10 +179,19 @@ def write_doc(results: dict, command: str) -> None:
               "| | cells/s | peak MB |", "|---|---:|---:|",
               f"| helixflow | {ours:.2f} | {e['helixflow']['peak_rss_mb']} |",
               f"| helical | {theirs:.2f} | {e['helical']['peak_rss_mb']} |",
-              "", f"Speed-up {ours / theirs:.1f}x; largest difference between the two embeddings: {e['max_abs_difference']:.1e}.", END]
-    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    DOC.write_text(head + "\n".join(lines) + rest.split(END, 1)[1])
+              "", f"Speed-up {ours / theirs:.1f}x; largest difference between the two embeddings: {e['max_abs_difference']:.1e}."]
+    replace_section(BEGIN, END, lines)
+
+
+def replace_section(begin: str, end: str, lines: list[str]) -> None:
+    """Put ``lines`` between the markers ``begin`` and ``end`` of docs/benchmarks.md (at its end if they are absent)."""
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    section = "\n".join([begin, *lines, end])
+    if begin in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text += f"\n{section}\n"
+    DOC.write_text(text)
 
 
 if __name__ == "__main__":
