@@ -44,7 +44,8 @@ def test_defaults_fill_what_a_profile_leaves_out(tmp_path):
     assert profile["device"] == "auto" and profile["precision"] == "fp32" and profile["gpu"]["count"] == 0
     assert profile["train"] == {"batch_size": 8, "precision": None, "gradient_accumulation": 1, "zero_stage": 2,
                                 "offload_optimizer": "none", "offload_params": "none", "frozen_layers": 0,
-                                "learning_rate": 5.0e-5, "epochs": 1, "checkpoint_every": 50}
+                                "learning_rate": 5.0e-5, "epochs": 1, "checkpoint_every": 50,
+                                "best_metric": "validation_loss", "patience": 3, "min_delta": 0.0}
 
 
 def test_model_steps_get_the_profile_and_light_steps_little(tmp_path):
