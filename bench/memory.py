@@ -307,6 +307,8 @@ def main() -> int:
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
         command = "nice python bench/memory.py" + ("" if args.sizes == [1_000_000, 10_000_000] else f" --sizes {' '.join(map(str, args.sizes))}")
+        if previous:
+            command += " --steps " + " ".join(f"'{step}'" if " " in step else step for step in args.steps)
         text = DOC.read_text()
         section = f"{BEGIN}\n{markdown(results, command)}\n{END}"
         if BEGIN in text:

@@ -63,11 +63,10 @@ def test_model_steps_get_the_profile_and_light_steps_little(tmp_path):
 def test_memory_grows_with_the_dataset_only_for_the_steps_that_need_it(tmp_path):
     write_profile(tmp_path, {**GPU_PROFILE, "memory_mb_per_million_cells": {"finetune": 200}})
     profile = load_profile("big", tmp_path)
-    assert profile["memory_mb_per_million_cells"] == {"finetune": 200, "evaluate": 50, "validate_input": 30}  # defaults filled in
+    assert profile["memory_mb_per_million_cells"] == {"finetune": 200, "validate_input": 10}  # defaults filled in
     assert step_resources(profile, "finetune", n_cells=10_000_000)["mem_mb"] == 64000 + 2000
-    assert step_resources(profile, "evaluate", n_cells=10_000_000)["mem_mb"] == 32000 + 500
-    assert step_resources(profile, "validate_input", n_cells=10_000_000)["mem_mb"] == profile["memory_mb"]["light"] + 300
-    for bounded in ("gather", "label_split", "annotate", "split", "embed"):
+    assert step_resources(profile, "validate_input", n_cells=10_000_000)["mem_mb"] == profile["memory_mb"]["light"] + 100
+    for bounded in ("gather", "label_split", "evaluate", "annotate", "split", "embed"):
         assert step_resources(profile, bounded, n_cells=10_000_000)["mem_mb"] == profile["memory_mb"][STEPS[bounded].kind]
 
 
@@ -136,8 +135,8 @@ def test_profile_show_prints_what_tiny_resolves_to(capsys):
     resources = shown["snakemake_resources"]
     assert list(resources) == list(STEPS)
     # Whole-dataset steps for a million cells, per-chunk steps for a chunk of 10,000.
-    assert resources["finetune"] == {"threads": 2, "mem_mb": 4100, "runtime": 2000}
-    assert resources["evaluate"] == {"threads": 2, "mem_mb": 2050, "runtime": 500}
+    assert resources["finetune"] == {"threads": 2, "mem_mb": 4030, "runtime": 2000}
+    assert resources["evaluate"] == {"threads": 2, "mem_mb": 2000, "runtime": 500}
     assert resources["gather"] == {"threads": 2, "mem_mb": 1500, "runtime": 200}
     assert resources["split"] == {"threads": 2, "mem_mb": 1500, "runtime": 2}
     assert all("gpu" not in step for step in resources.values())

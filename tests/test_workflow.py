@@ -164,7 +164,7 @@ def test_rules_take_threads_and_resources_from_the_profile(finished_run):
     for rule, kind in (("embed", "embed"), ("finetune", "finetune"), ("evaluate", "embed"), ("split", "light")):
         threads, resources = jobs[rule]
         assert threads == 2, rule
-        # finetune and evaluate also get memory_mb_per_million_cells for the whole dataset's 600 cells
+        # finetune also gets memory_mb_per_million_cells for the whole dataset's 600 cells
         per_cells = math.ceil(profile["memory_mb_per_million_cells"].get(rule, 0) * 600 / 1_000_000)
         assert f"mem_mb={profile['memory_mb'][kind] + per_cells}" in resources, (rule, resources)
     runtime = math.ceil(profile["runtime_min_per_10k_cells"]["finetune"] * 600 / 10_000)  # the whole dataset
