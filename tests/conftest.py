@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import urllib.request
 from pathlib import Path
 
@@ -28,6 +29,20 @@ def require_service(command: str, reason: str) -> None:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def network_attempts(monkeypatch) -> list:
+    """Refuse every socket connection in the test; the list collects the addresses tried."""
+    attempts = []
+
+    def refuse(self, address, *args):
+        attempts.append(address)
+        raise OSError(f"network disabled in this test: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return attempts
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import http.server
 import json
 import pickle
 import shutil
-import socket
 import tarfile
 import threading
 
@@ -56,19 +55,11 @@ def test_tiny_model_has_real_layout(tiny_v1, tiny_v2):
     assert "<cls>" in tiny_v2.load_dictionaries()[0] and "<cls>" not in tiny_v1.load_dictionaries()[0]
 
 
-def test_helical_loads_staged_model_without_network(tiny_v1, monkeypatch):
+def test_helical_loads_staged_model_without_network(tiny_v1, network_attempts):
     """helical's own Downloader would HEAD S3 for every file: any connection attempt fails here."""
-    attempts = []
-
-    def refuse(self, address, *args):
-        attempts.append(address)
-        raise OSError(f"network disabled in this test: {address}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     model = helical_geneformer(tiny_v1, batch_size=4)
     assert model.model.config.hidden_size == 128
-    assert attempts == []
+    assert network_attempts == []
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

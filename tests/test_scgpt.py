@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 
 import anndata as ad
 import numpy as np
@@ -77,20 +76,12 @@ def test_real_architecture_is_helicals_default():
     assert all(defaults[key] == value for key, value in ARCHITECTURES["real"].items())
 
 
-def test_helical_loads_staged_model_without_network(tiny_scgpt, monkeypatch):
+def test_helical_loads_staged_model_without_network(tiny_scgpt, network_attempts):
     """helical's Downloader would reach S3, and its loader silently skips weights of the wrong shape."""
-    attempts = []
-
-    def refuse(self, address, *args):
-        attempts.append(address)
-        raise OSError(f"network disabled in this test: {address}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     model = helical_scgpt(tiny_scgpt, batch_size=4)
     staged = torch.load(tiny_scgpt.weights, weights_only=True)
     loaded = model.model.state_dict()
-    assert attempts == []
+    assert network_attempts == []
     assert staged.keys() == loaded.keys() and all(torch.equal(staged[key], loaded[key]) for key in staged)
 
 

@@ -16,6 +16,7 @@ import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import scipy.sparse as sp
 import torch
 from anndata.io import read_elem, write_elem
@@ -114,6 +115,16 @@ def _row(input_ids, row: int) -> np.ndarray:
     return value.values.to_numpy(zero_copy_only=False) if hasattr(value, "values") else np.asarray(value)
 
 
+def read_tokens_and_obs(tokens_path: str | Path, chunk_path: str | Path) -> tuple[pa.Table, pd.DataFrame]:
+    """A tokenized chunk (memory-mapped) and its chunk's ``obs``, checked to hold the same cells."""
+    table = open_tokens(tokens_path)
+    with h5py.File(chunk_path, "r") as handle:
+        obs = read_elem(handle["obs"])
+    if table.num_rows != len(obs):
+        raise HelixflowError(tokens_path, f"holds {table.num_rows} cells but {chunk_path} holds {len(obs)}; rerun tokenize")
+    return table, obs
+
+
 def embed_chunk(
     tokens_path: str | Path,
     chunk_path: str | Path,
@@ -134,11 +145,7 @@ def embed_chunk(
     """
     if threads:
         torch.set_num_threads(threads)
-    table = open_tokens(tokens_path)
-    with h5py.File(chunk_path, "r") as handle:
-        obs = read_elem(handle["obs"])
-    if table.num_rows != len(obs):
-        raise HelixflowError(tokens_path, f"holds {table.num_rows} cells but {chunk_path} holds {len(obs)}; rerun tokenize")
+    table, obs = read_tokens_and_obs(tokens_path, chunk_path)
     torch_device = resolve_device(device)
     model = load_encoder(files, torch_device)
     embeddings = embed_tokens(

@@ -13,17 +13,14 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
-from anndata.io import read_elem
 from tqdm import tqdm
 
-from helixflow.embedding import PRECISIONS, resolve_device, write_embedded_chunk
+from helixflow.embedding import PRECISIONS, read_tokens_and_obs, resolve_device, write_embedded_chunk
 from helixflow.errors import HelixflowError
 from helixflow.families import FAMILIES
 from helixflow.scgpt.files import PAD_TOKEN, ScGPTFiles, build_transformer
-from helixflow.tokenization import open_tokens
 
 EMBEDDING_MODES = ("cell", "cls")
 # What helical's _encode reads; a checkpoint must bring all of them (helical would quietly
@@ -145,11 +142,7 @@ def embed_chunk(tokens_path: str | Path, chunk_path: str | Path, files: ScGPTFil
         raise HelixflowError("precision", f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
     if threads:
         torch.set_num_threads(threads)
-    table = open_tokens(tokens_path)
-    with h5py.File(chunk_path, "r") as handle:
-        obs = read_elem(handle["obs"])
-    if table.num_rows != len(obs):
-        raise HelixflowError(tokens_path, f"holds {table.num_rows} cells but {chunk_path} holds {len(obs)}; rerun tokenize")
+    table, obs = read_tokens_and_obs(tokens_path, chunk_path)
     torch_device = resolve_device(device)
     autocast = (torch.autocast(device_type=torch_device.type, dtype=PRECISIONS[precision])
                 if precision != "fp32" else contextlib.nullcontext())
