@@ -40,6 +40,27 @@ default_subnet_pools = [{"base" = "10.${octet}.0.0/16", "size" = 24}]
 CONF
 }
 
+# Netavark keeps one aardvark-dns file per network name in a run dir shared by every rootful
+# podman (/run/containers/networks/aardvark-dns): a gateway line, then one line per container.
+# A stack killed before `down` leaves its file behind, and netavark appends to an existing file
+# without rewriting its gateway line: the next network of that name on another subnet then gets
+# no DNS ("could not translate host name"). Remove the helixflow files none of whose containers
+# runs any more.
+drop_stale_dns_files() {
+    local dir=/run/containers/networks/aardvark-dns running file id live
+    [ "$(id -u)" = 0 ] || dir=${XDG_RUNTIME_DIR:-/run/user/$(id -u)}/containers/networks/aardvark-dns
+    [ -d "$dir" ] || return 0
+    running=$(podman ps -q --no-trunc 2>/dev/null) || return 0
+    for file in "$dir"/helixflow*; do
+        [ -f "$file" ] || continue
+        live=0
+        while read -r id _; do
+            grep -qxF -- "$id" <<<"$running" && { live=1; break; }
+        done < <(tail -n +2 -- "$file")
+        [ "$live" = 1 ] || { log "removing stale aardvark-dns entries $file"; rm -f -- "$file"; }
+    done
+}
+
 # storage.conf with the images and containers under DIR (PODMAN_STORAGE_DIR of podman-up.sh).
 write_storage_conf() {  # write_storage_conf FILE DIR
     mkdir -p "$2/root" "$2/run"

@@ -6,6 +6,8 @@
 # PODMAN_STORAGE_DIR=DIR: images and containers under DIR instead of podman's default storage
 # (then CONTAINERS_STORAGE_CONF is exported too).
 # A running service that answers /_ping is reused. Stop it with ci/podman-down.sh STATE_DIR.
+# Before it returns, aardvark-dns files of helixflow networks left by a killed stack are removed
+# (drop_stale_dns_files in ci/lib.sh).
 set -euo pipefail
 . "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 [ $# -eq 1 ] || die "usage: $0 STATE_DIR"
@@ -40,4 +42,5 @@ until ping_socket "$SOCK"; do
     sleep 0.2
 done
 log "podman service ready (pid $pid) on unix://$SOCK"
+drop_stale_dns_files
 exports

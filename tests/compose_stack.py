@@ -130,6 +130,13 @@ class ComposeProject:
             return json.loads(out)
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
+    def failed_services_logs(self, lines: int = 40) -> str:
+        """The last log lines of each service that exited non-zero or is not healthy (why `up` failed)."""
+        failed = [c for c in self.ps() if c.get("ExitCode") or c.get("Health") in ("unhealthy", "starting")]
+        return "\n".join(f"--- {c['Service']} ({c.get('State')}, exit {c.get('ExitCode')}, {c.get('Health') or 'no health'}):\n"
+                         + self.compose("logs", "--no-color", "--tail", str(lines), c["Service"], check=False).stdout
+                         for c in failed)
+
     def set_setting(self, key: str, value: str) -> None:
         """Set ``key`` in the .env (as a user edits it before ``up``)."""
         env_file = self.clone / ".env"

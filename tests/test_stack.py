@@ -16,6 +16,7 @@ many minutes (cached layers after that); the runs take minutes each on 2 cores.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ import time
 import urllib.parse
 import urllib.request
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -111,8 +113,12 @@ def stack(compose_project: ComposeProject):
     fire = datetime.now(timezone.utc) - timedelta(minutes=1)
     compose_project.set_setting("HELIXFLOW_SCHEDULE", f"{fire.minute} {fire.hour} * * *")
     started = time.monotonic()
-    compose_project.compose("--profile", "monitoring", "up", "-d", "--wait", "--wait-timeout", "1200", *services,
-                            timeout=1500)
+    up = compose_project.compose("--profile", "monitoring", "up", "-d", "--wait", "--wait-timeout", "1200", *services,
+                                 timeout=1500, check=False)
+    if up.returncode != 0:
+        why = compose_project.failed_services_logs()
+        compose_project.compose("--profile", "monitoring", "down", "-v", "--timeout", "30", timeout=600, check=False)
+        pytest.fail(f"docker compose up: rc {up.returncode}\n{(up.stdout + up.stderr)[-3000:]}\n{why}")
     print(f"docker compose up -d --wait: {time.monotonic() - started:.0f} s", file=sys.stderr)
     try:
         yield compose_project
@@ -147,6 +153,34 @@ def test_images_are_the_ones_compose_built(compose_project):
     assert airflow.stdout.split() == ["3.3.2", "50000", "True"], airflow.stdout
     mlflow = podman.cli("run", "--rm", "--entrypoint", "mlflow", "helixflow-mlflow:3.17.2", "--version", check=True)
     assert "3.17.2" in mlflow.stdout
+
+
+def test_a_killed_stacks_dns_file_is_dropped_and_names_resolve_again(compose_project):
+    """A network's aardvark-dns file left by a killed stack (another subnet) broke name resolution in
+    the next stack; ci/podman-up.sh drops such files and keeps those of running containers."""
+    podman = compose_project.podman
+    image = compose_project.settings.get("HELIXFLOW_IMAGE", "helixflow:0.1.0")
+    dns_dir = Path("/run/containers/networks/aardvark-dns")
+    if os.getuid() != 0:
+        dns_dir = Path(os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")) / "containers/networks/aardvark-dns"
+    network, target = "helixflow-dnscheck", "helixflow-dnscheck-target"
+    dns_dir.mkdir(parents=True, exist_ok=True)
+    dns_file = dns_dir / network
+    dns_file.write_text(f"10.251.7.1\n{'ab' * 32} 10.251.7.2  ghost,ghost\n")
+    drop = ["bash", "-c", f". {PROJECT_DIR}/ci/lib.sh && drop_stale_dns_files"]
+    try:
+        subprocess.run(drop, env=podman.env, check=True)
+        assert not dns_file.exists()
+        podman.cli("network", "create", network, check=True)
+        podman.cli("run", "-d", "--name", target, "--network", network, "--entrypoint", "sleep", image, "300", check=True)
+        resolved = podman.cli("run", "--rm", "--network", network, "--entrypoint", "python", image, "-c",
+                              f"import socket; print(socket.gethostbyname({target!r}))", check=True)
+        assert resolved.stdout.strip().count(".") == 3, resolved.stdout
+        subprocess.run(drop, env=podman.env, check=True)
+        assert dns_file.exists(), "the file of a running container was dropped"
+    finally:
+        podman.cli("rm", "-f", "-t", "0", target)
+        podman.cli("network", "rm", "-f", network)
 
 
 def test_up_wait_brings_every_service_to_healthy_in_dependency_order(stack):
