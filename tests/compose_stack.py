@@ -218,9 +218,10 @@ def build_project(podman: Podman, root: Path, extra_settings: dict[str, str]) ->
 
 
 def stack_settings() -> dict[str, str]:
-    """Free host ports, two runs at a time (the UI's and the schedule's), no retries; the tiny model baked in."""
+    """Free host ports, two runs at a time (the UI's and the schedule's), no retries, a quick S3 inbox; the tiny model baked in."""
     return {"AIRFLOW_PORT": str(free_port()), "MLFLOW_PORT": str(free_port()), "PROMETHEUS_PORT": str(free_port()),
-            "HELIXFLOW_MAX_ACTIVE_RUNS": "2", "HELIXFLOW_RETRIES": "0",
+            "S3_PORT": str(free_port()), "HELIXFLOW_MAX_ACTIVE_RUNS": "2", "HELIXFLOW_RETRIES": "0",
+            "HELIXFLOW_S3_INBOX_SCHEDULE": "* * * * *",  # the S3 inbox polls every minute once unpaused
             "HELIXFLOW_BAKE_MODEL_PROFILE": "tiny"}  # tests/test_airflow.py runs the image with its baked model
 
 

@@ -20,6 +20,7 @@ import pytest
 from airflow_helpers import (AIRFLOW, AIRFLOW_VENV, airflow_cli, airflow_env, api_server, dags_test,
                              init_db, local_env, require_airflow)
 from conftest import PROJECT_DIR, require_service
+from test_object_storage import aws_environment, bucket, s3_server  # noqa: F401 - fixtures
 
 # HELIXFLOW_TEST_IMAGE: a tag of one's own where several checkouts share one podman storage.
 IMAGE = os.environ.get("HELIXFLOW_TEST_IMAGE", "helixflow:0.1.0")  # compose.yaml's default tag
@@ -226,21 +227,21 @@ def test_killing_a_running_task_leaves_no_container(stack):
 def test_api_server_lists_the_dag_and_its_params(tmp_path):
     """A real api-server: the DAG and its params over the REST API, and a screenshot of its graph."""
     require_airflow()
-    env = airflow_env(tmp_path / "airflow-home")
+    env = airflow_env(tmp_path / "airflow-home", HELIXFLOW_S3_INBOX="s3://helixflow/inbox")
     airflow_cli(env, "db", "migrate")
     airflow_cli(env, "dags", "reserialize")
     errors = airflow_cli(env, "dags", "list-import-errors", "-o", "json")
     assert errors.stdout.strip().splitlines()[-1] == "[]", errors.stdout + errors.stderr
     with api_server(env, tmp_path / "api-server.log") as server:
         dags = {dag["dag_id"] for dag in server.get("/api/v2/dags")["dags"]}
-        assert {"helixflow", "helixflow_inbox"} <= dags
+        assert {"helixflow", "helixflow_inbox", "helixflow_s3_inbox"} <= dags
         details = server.get("/api/v2/dags/helixflow/details")
         assert set(details["params"]) == {"input", "model", "stages", "run_name", "chunk_size", "label_column", "annotate",
                                           "workflow_profile"}
         assert "tiny" in details["params"]["model"]["schema"]["enum"]
         tasks = [t["task_id"] for t in server.get("/api/v2/dags/helixflow/tasks")["tasks"]]
         assert {"stage", "validate", "split", "tokenize", "embed", *FINETUNE_STAGES, "annotate", "report",
-                "summary"} <= set(tasks)
+                "upload", "summary"} <= set(tasks)
 
         if shutil.which("chromium") or os.environ.get("CI") == "true":
             require_service("chromium", "the DAG graph screenshot")
@@ -270,6 +271,34 @@ def test_local_execution_runs_the_same_stages_without_docker(tmp_path):
     assert "'cells': 300" in output
 
 
+def test_local_execution_from_an_s3_input_puts_the_results_in_the_bucket_manifest_last(tmp_path, bucket):  # noqa: F811
+    """An s3:// input (moto's server): the first stage stages it into the run's folder, the others
+    reuse that copy; ``upload`` puts the results under HELIXFLOW_S3_RESULTS/<run>/, _SUCCESS last."""
+    require_airflow()
+    from helixflow.object_storage import s3_client
+
+    helixflow = shutil.which("helixflow")
+    data, results, home = tmp_path / "data", tmp_path / "results", tmp_path / "home"
+    subprocess.run([helixflow, "demo-data", tmp_path / "cells.h5ad", "--cells", "300", "--seed", "4"], check=True,
+                   capture_output=True)
+    client = s3_client()
+    client.upload_file(str(tmp_path / "cells.h5ad"), bucket, "inbox/cells.h5ad")
+    env = local_env(home, data, results, helixflow, HELIXFLOW_S3_RESULTS=f"s3://{bucket}/results")
+    init_db(env)
+    run = dags_test(env, {"input": f"s3://{bucket}/inbox/cells.h5ad", "model": "tiny", "stages": LOCAL_STAGES})
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-6000:]
+    assert output.count("downloading s3://") == 1 and output.count("cache hit") == len(LOCAL_STAGES) - 1, output[-6000:]
+    assert list((results / "cells" / ".s3-cache").glob("*/cells.h5ad"))
+
+    listed = client.list_objects_v2(Bucket=bucket, Prefix="results/cells/")["Contents"]
+    keys = {item["Key"].removeprefix("results/cells/"): item for item in listed}
+    manifest = json.loads(client.get_object(Bucket=bucket, Key="results/cells/_SUCCESS")["Body"].read())
+    assert set(keys) == {entry["path"] for entry in manifest["files"]} | {"_SUCCESS"}
+    assert "embeddings/embeddings.h5ad" in keys and not [k for k in keys if k.startswith((".snakemake/", ".s3-cache/"))]
+    assert keys["_SUCCESS"]["LastModified"] >= max(item["LastModified"] for item in listed)
+
+
 def test_slurm_param_hands_the_stage_to_a_slurm_profile():
     require_airflow()
     code = ("import json, sys; sys.path.insert(0, 'airflow/dags'); import helixflow_dag as dag; "
@@ -280,6 +309,41 @@ def test_slurm_param_hands_the_stage_to_a_slurm_profile():
     command = json.loads(done.stdout.strip().splitlines()[-1])
     assert command[:2] == ["run", "/data/a.h5ad"] and command[-2:] == ["--workflow-profile", "slurm"]
     assert command[command.index("--until") + 1] == "embed"
+
+
+def test_s3_input_gives_the_stages_boto3s_settings_and_the_credentials_privately():
+    """An s3:// input: the command names it as given; the stages stage it in their run's folder;
+    the credentials go to DockerOperator's private environment (not a template field: never rendered)."""
+    require_airflow()
+    code = """
+import json, sys
+sys.path.insert(0, 'airflow/dags')
+import helixflow_dag as dag
+params = {'input': 's3://lab/inbox/a/x.h5ad', 'model': 'tiny', 'run_name': 'a-x'}
+settings, credentials = dag.s3_stage_environment(params, '/results')
+try:
+    dag.input_path({'input': 's3://lab/inbox/x.csv'}, '/data')
+except ValueError as error:
+    refused = str(error)
+print(json.dumps({'command': dag.stage_command(params, 'embed', '/data', '/results', '/data/models', 2),
+                  'settings': settings, 'credentials': credentials, 'results_url': dag.results_url(params),
+                  'template_fields': list(dag.HelixflowStageOperator.template_fields),
+                  'local': dag.s3_stage_environment({'input': 'x.h5ad'}, '/results'), 'refused': refused}))
+"""
+    env = {**os.environ, "HELIXFLOW_EXECUTION": "docker", "AWS_ENDPOINT_URL_S3": "http://s3:9000", "AWS_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "key-id", "AWS_SECRET_ACCESS_KEY": "secret", "HELIXFLOW_S3_RESULTS": "s3://lab/results/"}
+    done = subprocess.run([AIRFLOW_VENV / "bin" / "python", "-c", code], cwd=PROJECT_DIR, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["command"][:2] == ["run", "s3://lab/inbox/a/x.h5ad"]
+    assert answer["command"][answer["command"].index("--out") + 1] == "/results/a-x"  # the upload task puts it on S3
+    assert answer["settings"] == {"AWS_ENDPOINT_URL_S3": "http://s3:9000", "AWS_REGION": "us-east-1",
+                                  "HELIXFLOW_S3_CACHE": "/results/a-x/.s3-cache"}
+    assert answer["credentials"] == {"AWS_ACCESS_KEY_ID": "key-id", "AWS_SECRET_ACCESS_KEY": "secret"}
+    assert answer["results_url"] == "s3://lab/results/a-x"
+    assert "environment" in answer["template_fields"] and "private_environment" not in answer["template_fields"]
+    assert answer["local"] == [{}, {}]
+    assert "expected s3://BUCKET/KEY.h5ad" in answer["refused"]
 
 
 def test_stage_containers_drop_privileges_and_see_only_their_run(tmp_path):

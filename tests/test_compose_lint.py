@@ -113,9 +113,9 @@ def test_metrics_token_reaches_only_the_api_server_and_prometheus():
     api = services["airflow-apiserver"]
     assert api["secrets"] == ["airflow-metrics-token"]
     assert api["environment"]["HELIXFLOW_METRICS_TOKEN_FILE"] == "/run/secrets/airflow-metrics-token"
-    # Otherwise the api-server has the environment of the other Airflow services.
+    # Otherwise the api-server has the environment of the scheduler, less the S3 credentials (tasks only).
     assert {k: v for k, v in api["environment"].items() if k != "HELIXFLOW_METRICS_TOKEN_FILE"} == \
-        services["airflow-scheduler"]["environment"]
+        {k: v for k, v in services["airflow-scheduler"]["environment"].items() if k not in S3_CREDENTIALS}
     scrape_jobs = yaml.safe_load((PROJECT_DIR / "monitoring" / "prometheus.yml").read_text())["scrape_configs"]
     (airflow_job,) = [job for job in scrape_jobs if job["job_name"] == "airflow"]
     assert services["prometheus"]["secrets"] == [
@@ -126,6 +126,32 @@ def test_metrics_token_reaches_only_the_api_server_and_prometheus():
     # Never committed, never sent to an image build.
     assert "/secrets/" in (PROJECT_DIR / ".gitignore").read_text().splitlines()
     assert "secrets" in (PROJECT_DIR / ".dockerignore").read_text().splitlines()
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "${S3_ROOT_USER:?run ci/make-env.sh}",
+                  "AWS_SECRET_ACCESS_KEY": "${S3_ROOT_PASSWORD:?run ci/make-env.sh}"}
+
+
+def test_s3_service_is_pinned_healthy_on_loopback_and_its_credentials_reach_only_the_task_runners():
+    """MinIO by a release tag (CI: moto's stand-in, S3_IMAGE), its port on 127.0.0.1, a healthcheck, the
+    root credentials from the .env; boto3 gets them only where S3 is used (bucket creation, tasks)."""
+    services = yaml.safe_load((PROJECT_DIR / "compose.yaml").read_text())["services"]
+    s3 = services["s3"]
+    assert re.fullmatch(r"\$\{S3_IMAGE:-minio/minio:RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ\}", s3["image"]), s3["image"]
+    assert s3["ports"] == ["127.0.0.1:${S3_PORT:-9000}:9000"]
+    assert s3["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
+    assert s3["environment"] == {"MINIO_ROOT_USER": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                                 "MINIO_ROOT_PASSWORD": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
+    assert "metrics" in s3["networks"]  # the stage containers stage s3:// inputs from it
+    assert s3["volumes"] == ["s3-data:/data"]
+    with_credentials = {name for name, service in services.items()
+                        if S3_CREDENTIALS.items() <= service.get("environment", {}).items()}
+    assert with_credentials == {"airflow-init", "airflow-scheduler"}
+    for name in ("airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"):
+        assert services[name]["depends_on"]["s3"] == {"condition": "service_healthy"}, name
+        assert services[name]["environment"]["AWS_ENDPOINT_URL_S3"] == "http://s3:9000", name
+    assert "create_bucket" in services["airflow-init"]["command"][1]
+    assert "S3_IMAGE=" in (PROJECT_DIR / "ci" / "stand-ins" / "build.sh").read_text()
 
 
 def mode(path: Path) -> int:
@@ -147,6 +173,9 @@ def test_make_env_writes_a_metrics_token_both_containers_can_read_and_rotates_it
     first, inode = token.read_text(), token.stat().st_ino
     assert re.fullmatch(r"[A-Za-z0-9_-]{43}\n", first)
     assert first.strip() not in (clone / ".env").read_text()
+    written = dict(line.split("=", 1) for line in (clone / ".env").read_text().splitlines() if "=" in line and line[0] != "#")
+    assert re.fullmatch(r"helixflow-[0-9a-f]{12}", written["S3_ROOT_USER"])
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", written["S3_ROOT_PASSWORD"])
 
     subprocess.run([script, "--metrics-token"], env=env, check=True, capture_output=True)
     assert token.read_text() != first and re.fullmatch(r"[A-Za-z0-9_-]{43}\n", token.read_text())

@@ -23,7 +23,7 @@ from boto3.s3.transfer import TransferConfig
 
 from conftest import PROJECT_DIR, sha256
 from helixflow.errors import HelixflowError
-from helixflow.object_storage import MANIFEST_NAME, s3_client, stage_input, upload_results
+from helixflow.object_storage import MANIFEST_NAME, create_bucket, s3_client, stage_input, upload_results
 from prometheus_stack import Service, free_port
 
 TEST_CONFIG = PROJECT_DIR / ".test" / "config" / "config.yaml"
@@ -240,6 +240,24 @@ def test_results_upload_multipart_files_and_the_manifest_last(bucket, tmp_path):
     assert stored == manifest
     assert {entry["path"]: entry["size"] for entry in manifest["files"]} == {"embeddings/big.h5ad": 11 * MiB, "small.json": 2}
     assert manifest["files"][0]["sha256"] == sha256(results / "embeddings" / "big.h5ad")
+
+
+def test_upload_leaves_out_skipped_files_and_folders(bucket, tmp_path):
+    """A run folder of the Airflow stages holds snakemake's state and the staged input: not results."""
+    for relative in ("report.html", ".helixflow-run.lock", ".snakemake/log/x.log", ".s3-cache/entry/cells.h5ad"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text("x")
+    manifest = upload_results(tmp_path, f"s3://{bucket}/runs/r2", skip=frozenset({".helixflow-run.lock", ".snakemake", ".s3-cache"}))
+    assert [entry["path"] for entry in manifest["files"]] == ["report.html"]
+    keys = {item["Key"] for item in s3_client().list_objects_v2(Bucket=bucket, Prefix="runs/r2/")["Contents"]}
+    assert keys == {"runs/r2/report.html", f"runs/r2/{MANIFEST_NAME}"}
+
+
+def test_create_bucket_creates_it_once(aws_environment):
+    name = f"helixflow-{uuid.uuid4().hex[:12]}"
+    assert create_bucket(f"s3://{name}/inbox") is True
+    assert create_bucket(f"s3://{name}/results") is False  # the compose init runs at every start
+    assert name in {entry["Name"] for entry in s3_client().list_buckets()["Buckets"]}
 
 
 @pytest.mark.slow

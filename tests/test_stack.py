@@ -6,7 +6,9 @@ third-party images. In headless Chromium the test signs in, finds the helixflow 
 trigger form and triggers a run; the scheduler and the LocalExecutor run every stage in sibling
 containers through the Docker API guard. A second run comes from the schedule, a third, on an
 invalid file, fails with helixflow's error in its task log in the UI. MLflow's REST API and the
-stack's own Prometheus hold what the runs recorded. Screenshots go to docs/images/.
+stack's own Prometheus hold what the runs recorded. A dataset uploaded to the S3 inbox (moto's
+server standing in for MinIO) becomes one run whose results go to the bucket. Screenshots go to
+docs/images/.
 
 Needs podman (+ runc, debootstrap), Compose v2 (`make compose`), chromium and .venv-airflow;
 skipped on a user's machine without them, failing under CI=true. Slow: the first image builds take
@@ -217,6 +219,7 @@ def test_run_triggered_in_the_ui_succeeds_through_the_scheduler(stack, rest):
     tasks = rest.tasks(finished["dag_run_id"])
     assert finished["state"] == "success" and finished["run_type"] == "manual", tasks
     assert tasks.pop("annotate") == "skipped", tasks  # param annotate is empty
+    assert tasks.pop("upload") == "skipped", tasks  # a local input: its results stay in the results folder
     assert set(tasks.values()) == {"success"}, tasks
 
     out = stack.results / "from-ui"
@@ -247,7 +250,8 @@ def test_run_triggered_in_the_ui_succeeds_through_the_scheduler(stack, rest):
        "    login(page, sys.argv[1], 'admin', sys.argv[2])\n"
        "    print(task_log(page, sys.argv[1], sys.argv[3], sys.argv[4], 'embed', 'helixflow container:'))\n"
        "    run_graph(page, sys.argv[1], sys.argv[3], sys.argv[4], json.loads(sys.argv[5]), Path(sys.argv[6]))\n",
-       base, password, DAG, finished["dag_run_id"], json.dumps(sorted([*tasks, "annotate"])), IMAGES / "airflow-run-graph.png")
+       base, password, DAG, finished["dag_run_id"], json.dumps(sorted([*tasks, "annotate", "upload"])),
+       IMAGES / "airflow-run-graph.png")
     for shot in ("airflow-dag-list.png", "airflow-trigger-form.png", "airflow-run-graph.png"):
         assert (IMAGES / shot).stat().st_size > 20_000, shot
     # Every stage container of this run removed (the scheduled run may still be running beside it).
@@ -372,6 +376,75 @@ def test_a_fine_tune_marked_failed_stops_at_once_and_its_rerun_resumes_from_the_
     assert "helixflow: resumed at optimizer step" in (out.parent / "logs" / "finetune.log").read_text()
     assert (out / "model" / "config.json").is_file() and not (out / "checkpoints").exists()
     rest.call(f"/api/v2/dags/{DAG}", method="PATCH", body={"is_paused": True})
+
+
+S3_INBOX_DAG = "helixflow_s3_inbox"
+S3_BUCKET = "helixflow"  # compose.yaml's HELIXFLOW_S3_INBOX and HELIXFLOW_S3_RESULTS
+S3_KEY = "inbox/arrivals/cells.h5ad"
+
+
+def s3_client(stack: ComposeProject):
+    """boto3 against the stack's S3 port, with the credentials of the .env."""
+    import boto3
+
+    session = boto3.session.Session(aws_access_key_id=stack.settings["S3_ROOT_USER"],
+                                    aws_secret_access_key=stack.settings["S3_ROOT_PASSWORD"], region_name="us-east-1")
+    return session.client("s3", endpoint_url=stack.url("S3_PORT"))
+
+
+def s3_inbox_polls(rest: Rest, since: datetime) -> list[dict]:
+    """The S3 inbox's finished runs that started after `since`."""
+    runs = rest.call(f"/api/v2/dags/{S3_INBOX_DAG}/dagRuns?limit=100")["dag_runs"]
+    return [r for r in runs if r["state"] in ("success", "failed") and r["start_date"]
+            and datetime.fromisoformat(r["start_date"]) > since]
+
+
+def s3_inbox_runs(rest: Rest) -> list[dict]:
+    return [r for r in rest.runs() if r["dag_run_id"].startswith("s3inbox__")]
+
+
+def test_an_object_uploaded_to_the_s3_inbox_gives_one_scheduled_run_and_results_under_the_results_prefix(stack, rest):
+    """A multipart upload to s3://helixflow/inbox/: no run while it is open; once completed, the
+    inbox's next scheduled poll starts exactly one helixflow run, whose results end up under
+    results/<run name>/ with _SUCCESS last; later polls start no second run."""
+    client = s3_client(stack)
+    upload = client.create_multipart_upload(Bucket=S3_BUCKET, Key=S3_KEY)
+    part = client.upload_part(Bucket=S3_BUCKET, Key=S3_KEY, UploadId=upload["UploadId"], PartNumber=1,
+                              Body=(stack.data / "test.h5ad").read_bytes())
+    unpaused = datetime.now(timezone.utc)
+    for dag_id in (DAG, S3_INBOX_DAG):
+        rest.call(f"/api/v2/dags/{dag_id}", method="PATCH", body={"is_paused": False})
+    polls = wait_until(lambda: s3_inbox_polls(rest, unpaused), "poll of the S3 inbox", every=3)
+    assert {poll["state"] for poll in polls} == {"success"} and polls[0]["run_type"] == "scheduled", polls
+    assert s3_inbox_runs(rest) == []  # the open upload is not listed
+
+    client.complete_multipart_upload(Bucket=S3_BUCKET, Key=S3_KEY, UploadId=upload["UploadId"],
+                                     MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]})
+    started = time.monotonic()
+    finished = rest.wait_for_run(lambda r: r["dag_run_id"].startswith("s3inbox__"), "run of the S3 inbox's object")
+    print(f"run of an object uploaded to the S3 inbox: {time.monotonic() - started:.0f} s", file=sys.stderr)
+    assert finished["state"] == "success", rest.tasks(finished["dag_run_id"])
+    run_name = finished["conf"]["run_name"]
+    assert finished["conf"]["input"] == f"s3://{S3_BUCKET}/{S3_KEY}" and run_name.startswith("arrivals-cells-")
+    assert rest.summary(finished["dag_run_id"])["results_url"] == f"s3://{S3_BUCKET}/results/{run_name}"
+
+    prefix = f"results/{run_name}/"
+    objects = {o["Key"][len(prefix):]: o for o in client.list_objects_v2(Bucket=S3_BUCKET, Prefix=prefix)["Contents"]}
+    manifest = json.loads(client.get_object(Bucket=S3_BUCKET, Key=f"{prefix}_SUCCESS")["Body"].read())
+    assert set(objects) == {entry["path"] for entry in manifest["files"]} | {"_SUCCESS"}
+    assert {"embeddings/embeddings.h5ad", "report.html", "evaluate/metrics.json"} <= set(objects)
+    assert not [key for key in objects if key.startswith((".snakemake/", ".s3-cache/"))]
+    assert objects["_SUCCESS"]["LastModified"] >= max(o["LastModified"] for o in objects.values())
+    # The credentials reached the stages without showing in a task log or the rendered fields.
+    password = stack.settings["S3_ROOT_PASSWORD"]
+    stage = rest.call(f"/api/v2/dags/{DAG}/dagRuns/{urllib.parse.quote(finished['dag_run_id'], safe='')}/taskInstances/stage")
+    assert password not in json.dumps(stage) and password not in rest.task_log(finished["dag_run_id"], "stage")
+
+    done = datetime.now(timezone.utc)
+    wait_until(lambda: s3_inbox_polls(rest, done), "poll of the S3 inbox after the run", every=3)
+    assert len(s3_inbox_runs(rest)) == 1  # the same object version starts no second run
+    for dag_id in (DAG, S3_INBOX_DAG):
+        rest.call(f"/api/v2/dags/{dag_id}", method="PATCH", body={"is_paused": True})
 
 
 EGRESS_PROBE = """

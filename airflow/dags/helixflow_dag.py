@@ -1,7 +1,7 @@
 """Airflow 3 DAGs that run the helixflow workflow, one task per workflow stage.
 
 ``helixflow``        stage -> validate -> split -> tokenize -> embed -> label_split -> finetune
-                     -> evaluate -> annotate -> report -> summary. Each stage task runs
+                     -> evaluate -> annotate -> report -> upload -> summary. Each stage task runs
                      ``helixflow run /data/INPUT --until STAGE`` in the helixflow image with
                      DockerOperator (snakemake inside the container resumes from the previous
                      stage's files), then ``summary`` puts the run's cells, metrics, fine-tuning
@@ -9,8 +9,12 @@
                      input has the label column (param ``label_column``; the validate stage
                      records the input's obs columns); otherwise they skip, saying why, and
                      the run gives embeddings and report. ``annotate`` runs when asked.
+                     An input ``s3://BUCKET/KEY.h5ad`` is staged by the stages into the run's
+                     folder (``.s3-cache/``, once per run); ``upload`` then puts the run's results
+                     under HELIXFLOW_S3_RESULTS/<run name>/, the manifest ``_SUCCESS`` last.
 ``helixflow_inbox``  data-arrival trigger: polls the watched folder (recursively) and starts one
                      ``helixflow`` run per complete new or changed ``.h5ad`` file (helixflow_inbox.py).
+``helixflow_s3_inbox``  the same for the objects under an S3 prefix (helixflow_s3_inbox.py).
 
 Settings (environment of the Airflow services; see docs/airflow.md):
   HELIXFLOW_EXECUTION        docker (default) | local: run the same stages as local processes
@@ -26,6 +30,10 @@ Settings (environment of the Airflow services; see docs/airflow.md):
   HELIXFLOW_INBOX_REQUIRE_DONE  true: a file is complete only with its <name>.done marker (default: also
                              when its size and mtime are unchanged since the previous poll)
   HELIXFLOW_PUSHGATEWAY      Prometheus Pushgateway URL handed to the stages (their step metrics); unset: none
+  HELIXFLOW_S3_RESULTS       s3://BUCKET/PREFIX the results of s3:// inputs go to (default: s3://<the input's
+                             bucket>/results); the S3 endpoint, region and credentials are boto3's own
+                             variables (AWS_ENDPOINT_URL_S3, AWS_REGION, AWS_ACCESS_KEY_ID, ...), handed to
+                             the stages of s3:// inputs (the credentials as private environment: not rendered)
   HELIXFLOW_STAGE_NETWORK    Docker network of the stage containers (compose: the one of the Pushgateway)
   HELIXFLOW_MLFLOW_TRACKING_URI  MLflow server of the fine-tuning stages (their MLFLOW_TRACKING_URI);
                              unset: a file store in the run's results folder (mlruns/)
@@ -40,6 +48,7 @@ Settings (environment of the Airflow services; see docs/airflow.md):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -53,9 +62,12 @@ from airflow.sdk.exceptions import AirflowSkipException
 # the profiles and model families, as the workflow itself reads them.
 from helixflow.families import FAMILIES
 from helixflow.local_resources import SNAKEMAKE_RESERVE_MB
+from helixflow.object_storage import is_s3_url, parse_s3_url
 from helixflow.profiles import list_profiles, load_profile, step_resources
+from helixflow.run_lock import LOCK_NAME
 from helixflow.steps import stage_steps, stages
 
+log = logging.getLogger(__name__)
 STAGES = stages()
 # The fine-tuning stages; the report (the whole workflow) includes their results when they run.
 FINETUNE_STAGES = ["label_split", "finetune", "evaluate", "annotate"]
@@ -80,6 +92,14 @@ DEFAULT_ARGS = {
     "max_retry_delay": timedelta(minutes=20),
     "execution_timeout": timedelta(minutes=int(os.environ.get("HELIXFLOW_STAGE_TIMEOUT_MIN", "720"))),
 }
+# The stages of an s3:// input stage it here, in the run's folder: once per run, the same local path
+# for every stage (snakemake resumes only if its input keeps its path and age).
+S3_CACHE_FOLDER = ".s3-cache"
+# In a run's folder but not results: snakemake's state, the run lock, the staged input.
+NOT_RESULTS = frozenset({".snakemake", LOCK_NAME, S3_CACHE_FOLDER})
+# boto3's settings and the cache's limit (handed to the stages of s3:// inputs); the credentials (handed privately).
+S3_SETTINGS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "HELIXFLOW_S3_CACHE_MAX_GB")
+AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 def read_profile(name: str) -> dict:
@@ -107,6 +127,24 @@ def stage_environment() -> dict:
     return {stage_name: os.environ[name] for name, stage_name in handed.items() if os.environ.get(name)}
 
 
+def s3_stage_environment(params: dict, results_dir: str) -> tuple[dict, dict]:
+    """(settings, credentials) a stage needs for an s3:// input, from the Airflow services' environment.
+
+    Both empty for a local input. The staged input goes to the run's own folder (S3_CACHE_FOLDER).
+    """
+    if not is_s3_url(params["input"]):
+        return {}, {}
+    settings = {name: os.environ[name] for name in S3_SETTINGS if os.environ.get(name)}
+    settings["HELIXFLOW_S3_CACHE"] = f"{results_dir}/{run_name(params)}/{S3_CACHE_FOLDER}"
+    return settings, {name: os.environ[name] for name in AWS_CREDENTIALS if os.environ.get(name)}
+
+
+def results_url(params: dict) -> str:
+    """Where the results of an s3:// input go: HELIXFLOW_S3_RESULTS/<run name> (default prefix: results/ of its bucket)."""
+    prefix = os.environ.get("HELIXFLOW_S3_RESULTS") or f"s3://{parse_s3_url(params['input']).bucket}/results"
+    return str(parse_s3_url(prefix).child(run_name(params)))
+
+
 def run_name(params: dict) -> str:
     """Output folder name: the run_name param, else the input file's stem."""
     name = params.get("run_name") or Path(params["input"]).stem
@@ -116,6 +154,11 @@ def run_name(params: dict) -> str:
 
 
 def input_path(params: dict, data_dir: str, key: str = "input") -> str:
+    """The dataset of param `key` as a stage opens it: a path in the data folder, or an s3:// input as given."""
+    if key == "input" and is_s3_url(params[key]):
+        if not parse_s3_url(params[key]).key.endswith(".h5ad"):
+            raise ValueError(f"input {params[key]!r}: expected s3://BUCKET/KEY.h5ad")
+        return params[key]
     relative = Path(params[key])
     if relative.is_absolute() or ".." in relative.parts:
         raise ValueError(f"{key} {params[key]!r} must be a path inside the data folder")
@@ -200,7 +243,8 @@ def stage_command(params: dict, stage: str, data_dir: str, results_dir: str, mod
 
 PARAMS = {
     "input": Param(os.environ.get("HELIXFLOW_DEFAULT_INPUT", "test.h5ad"), type="string",
-                   title="Input dataset", description="an .h5ad file, relative to the data folder"),
+                   title="Input dataset", description="an .h5ad file, relative to the data folder, or s3://BUCKET/KEY.h5ad"
+                                                      " (results then also go to HELIXFLOW_S3_RESULTS/<run name>/)"),
     "model": Param(os.environ.get("HELIXFLOW_DEFAULT_MODEL", "tiny"), type="string", enum=profile_names(),
                    title="Model profile", description="config/profiles/<name>.yaml"),
     "stages": Param(STAGES, type="array", items={"type": "string", "enum": STAGES}, examples=STAGES,
@@ -337,7 +381,11 @@ if EXECUTION == "docker":
                 self.device_requests = [DeviceRequest(count=limits["gpus"], capabilities=[["gpu"]])]
             self.command = stage_command(params, self.stage, "/data", "/results", CONTAINER_MODELS_DIR, limits["cpus"],
                                          "/profiles" if HOST_PROFILES_DIR else None)
-            self.environment = {**(self.environment or {}), **stage_environment(), "HELIXFLOW_WORKDIR": f"/results/{name}"}
+            s3_settings, s3_credentials = s3_stage_environment(params, "/results")
+            self.environment = {**(self.environment or {}), **stage_environment(), **s3_settings,
+                                "HELIXFLOW_WORKDIR": f"/results/{name}"}
+            # DockerOperator's own private environment: passed to the container, never rendered or logged.
+            self._private_environment = s3_credentials
             binds = stage_binds(params)
             make_results_folders(binds)
             self.mounts = [Mount(target=target, source=source, type="bind", read_only=read_only)
@@ -394,7 +442,7 @@ else:
         """One workflow stage as a local ``helixflow run`` process, in the run's results folder."""
 
         def __init__(self, *, stage: str, **kwargs):
-            super().__init__(bash_command="false", env=stage_environment(), append_env=True, **kwargs)
+            super().__init__(bash_command="false", append_env=True, **kwargs)
             self.stage = stage
 
         def execute(self, context):
@@ -404,6 +452,8 @@ else:
             Path(self.cwd).mkdir(parents=True, exist_ok=True)
             command = stage_command(params, self.stage, DATA_DIR, RESULTS_DIR, LOCAL_MODELS_DIR, limits["cpus"],
                                     os.environ.get("HELIXFLOW_PROFILES_DIR"))
+            # The S3 credentials come with the inherited environment (append_env), not in this templated field.
+            self.env = {**stage_environment(), **s3_stage_environment(params, RESULTS_DIR)[0]}
             self.bash_command = shlex.join(["exec", os.environ.get("HELIXFLOW_BIN", "helixflow"), *command])
             self.log.info("helixflow stage: %s", self.bash_command)
             return super().execute(context)
@@ -432,8 +482,11 @@ with DAG(
         read_profile(params["model"])
         run_name(params)
         slurm_mounts(params)
+        input_path(params, DATA_DIR)
         if params.get("annotate"):
             input_path(params, DATA_DIR, "annotate")
+        if is_s3_url(params["input"]):
+            results_url(params)
         return {stage: stage_skip_reason(params, stage) or "selected" for stage in STAGES}
 
     def finetune_summary(params: dict, out: Path) -> dict:
@@ -449,6 +502,18 @@ with DAG(
                 "chance_accuracy": metrics["chance_accuracy"], "mlflow_run_id": metrics["model"]["mlflow_run_id"],
                 "model": str(out / "finetune" / "model"), "metrics_file": str(out / "evaluate" / "metrics.json")}
 
+    @task(trigger_rule="none_failed")
+    def upload(params=None) -> str:
+        """The results of an s3:// input to HELIXFLOW_S3_RESULTS/<run name>/, the manifest _SUCCESS last."""
+        from helixflow.object_storage import upload_results
+
+        if not is_s3_url(params["input"]):
+            raise AirflowSkipException("local input: the results stay in the results folder only")
+        url = results_url(params)
+        manifest = upload_results(Path(RESULTS_DIR) / run_name(params), url, skip=NOT_RESULTS)
+        log.info("uploaded %d files to %s (manifest last: _SUCCESS)", len(manifest["files"]), url)
+        return url
+
     @task(trigger_rule="none_failed", retries=0)
     def summary(params=None) -> dict:
         """Cells, metrics and output paths of the run, read from its results folder."""
@@ -461,6 +526,7 @@ with DAG(
             "annotated": f"annotate/{Path(params.get('annotate') or 'none').stem}.h5ad"}.items()
             if (out / relative).exists()}
         return {"input": params["input"], "model": params["model"], "results": str(out),
+                "results_url": results_url(params) if is_s3_url(params["input"]) else None,
                 "cells": check.get("cells"), "genes": check.get("genes"), "input_check": check,
                 "metrics": read_results_json(params, "report/embedding_summary.json"), "finetune": finetune_summary(params, out),
                 "outputs": outputs}
@@ -470,7 +536,7 @@ with DAG(
         current = make_stage(stage_name)
         previous >> current
         previous = current
-    previous >> summary()
+    previous >> upload() >> summary()
 
 
 with DAG(
@@ -494,13 +560,7 @@ with DAG(
             raise ValueError(f"HELIXFLOW_INBOX_DIR {watched} must be inside HELIXFLOW_DATA_DIR {DATA_DIR}: "
                              "the stage containers see only the data folder")
         state_dir = Path(RESULTS_DIR) / ".helixflow-inbox"
-
-        def run_status(run_id: str) -> str | None:
-            if not ti.get_dr_count(dag_id=helixflow_dag.dag_id, run_ids=[run_id]):
-                return None
-            return ti.get_dagrun_state(dag_id=helixflow_dag.dag_id, run_id=run_id)
-
-        runs, state = inbox.poll(inbox.scan(watched), inbox.read_state(state_dir), run_status,
+        runs, state = inbox.poll(inbox.scan(watched), inbox.read_state(state_dir), inbox.run_status_of(ti, helixflow_dag.dag_id),
                                  require_done_marker=os.environ.get("HELIXFLOW_INBOX_REQUIRE_DONE", "").lower()
                                  in ("1", "true", "yes"))
         inbox.write_state(state_dir, state)

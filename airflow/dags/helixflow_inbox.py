@@ -2,14 +2,16 @@
 
 The ``helixflow_inbox`` task polls; each poll calls :func:`poll` with the files it finds and
 the state it kept from the last poll (``RESULTS/.helixflow-inbox/state.json``), and starts
-the runs it returns. A file starts a run when
+the runs it returns. ``helixflow_s3_inbox`` does the same with the objects under an S3 prefix
+(:func:`scan_objects`, state in ``RESULTS/.helixflow-s3-inbox/``). A file starts a run when
 
 - it is complete: a marker ``<file name>.done`` lies next to it, or (unless markers are
-  required) its size and modification time are the same as at the previous poll;
+  required) its size and modification time are the same as at the previous poll. An S3
+  object is always complete: it is listed only once its PUT or multipart upload completes;
 - this version of it (size and mtime in nanoseconds: its fingerprint) has not started a
   run yet. A run's id is ``inbox__<run name>__<fingerprint>``, so a re-poll names the same
   run and cannot start a second one, and a file whose run failed runs again once it
-  changes (a new fingerprint);
+  changes (a new fingerprint; an S3 object's is its ETag);
 - its previous run is not still queued or running (the new version waits for it: both
   would write the same results folder).
 
@@ -51,6 +53,23 @@ class Arrival:
         return f"{self.size}-{self.mtime_ns}"
 
 
+@dataclass(frozen=True)
+class ObjectArrival:
+    """One object under the watched S3 prefix as one poll sees it."""
+
+    relative: str
+    etag: str
+
+    @property
+    def fingerprint(self) -> str:
+        return self.etag.strip('"')
+
+    @property
+    def done_marker(self) -> bool:
+        """Always: S3 lists an object only once its upload is complete (no partial objects)."""
+        return True
+
+
 def scan(inbox: Path) -> list[Arrival]:
     """The ``.h5ad`` files under ``inbox`` (recursively; hidden files and folders left out)."""
     inbox = Path(inbox)
@@ -65,6 +84,26 @@ def scan(inbox: Path) -> list[Arrival]:
     return arrivals
 
 
+def scan_objects(client, bucket: str, prefix: str) -> list[ObjectArrival]:
+    """The ``.h5ad`` objects under ``prefix`` of ``bucket`` (hidden path parts left out).
+
+    Parameters
+    ----------
+    client
+        A boto3 S3 client.
+    bucket, prefix
+        Where to look; ``prefix`` without its trailing ``/`` (empty: the whole bucket).
+    """
+    folder = f"{prefix}/" if prefix else ""
+    arrivals = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder):
+        for item in page.get("Contents", []):
+            relative = item["Key"][len(folder):]
+            if relative.endswith(SUFFIX) and not any(part.startswith(".") for part in relative.split("/")):
+                arrivals.append(ObjectArrival(relative, item["ETag"]))
+    return sorted(arrivals, key=lambda arrival: arrival.relative)
+
+
 def run_name(relative: str) -> str:
     """The results folder name of a file at ``relative`` (POSIX path under the watched folder)."""
     stem = relative[: -len(SUFFIX)] if relative.endswith(SUFFIX) else relative
@@ -74,17 +113,28 @@ def run_name(relative: str) -> str:
     return f"{slug[:80]}-{hashlib.sha256(relative.encode()).hexdigest()[:8]}"
 
 
-def run_id(relative: str, fingerprint: str) -> str:
-    return f"inbox__{run_name(relative)}__{fingerprint}"
+def run_id(relative: str, fingerprint: str, *, source: str = "inbox") -> str:
+    return f"{source}__{run_name(relative)}__{fingerprint}"
 
 
-def poll(arrivals: list[Arrival], state: dict, run_status, *, require_done_marker: bool = False) -> tuple[list[dict], dict]:
+def run_status_of(ti, dag_id: str):
+    """``run_status(run_id)`` for :func:`poll`: the state of that run of ``dag_id``, or None if absent."""
+    def run_status(run_id: str) -> str | None:
+        if not ti.get_dr_count(dag_id=dag_id, run_ids=[run_id]):
+            return None
+        return ti.get_dagrun_state(dag_id=dag_id, run_id=run_id)
+
+    return run_status
+
+
+def poll(arrivals: list[Arrival | ObjectArrival], state: dict, run_status, *, require_done_marker: bool = False,
+         source: str = "inbox") -> tuple[list[dict], dict]:
     """Decide which files start a run now.
 
     Parameters
     ----------
     arrivals
-        The files this poll found (:func:`scan`).
+        The files this poll found (:func:`scan`, or :func:`scan_objects`).
     state
         What the previous poll returned (``{}`` at first): per file, the fingerprint seen
         then and the run it started.
@@ -92,6 +142,8 @@ def poll(arrivals: list[Arrival], state: dict, run_status, *, require_done_marke
         ``run_status(run_id)``: the state of that helixflow DAG run, or ``None`` if absent.
     require_done_marker
         Only a ``.done`` marker makes a file complete (for copies that may stall between polls).
+    source
+        The first part of the run ids: which inbox started the run.
 
     Returns
     -------
@@ -106,7 +158,8 @@ def poll(arrivals: list[Arrival], state: dict, run_status, *, require_done_marke
         record["seen"] = arrival.fingerprint
         started = record.get("started")
         if (arrival.done_marker or stable) and _should_start(arrival, started, run_status):
-            record["started"] = {"fingerprint": arrival.fingerprint, "run_id": run_id(arrival.relative, arrival.fingerprint)}
+            record["started"] = {"fingerprint": arrival.fingerprint,
+                                 "run_id": run_id(arrival.relative, arrival.fingerprint, source=source)}
             runs.append({"run_id": record["started"]["run_id"], "relative": arrival.relative,
                          "run_name": run_name(arrival.relative)})
         new_state[arrival.relative] = record

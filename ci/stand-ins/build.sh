@@ -2,7 +2,8 @@
 # Usage: ci/stand-ins/build.sh [ENV_FILE]   (podman CLI environment exported, see ci/podman-up.sh)
 # Builds the stand-ins of the third-party images compose.yaml uses (no registry on the CI and
 # development machines): Postgres, Prometheus, Pushgateway and node-exporter,
-# from Debian's packages on the local base image (ci/base-image.sh). Appends the *_IMAGE lines that
+# from Debian's packages on the local base image (ci/base-image.sh), and MinIO's: moto's S3 server
+# from PyPI (pip trusts the host's CA bundle, mounted into the build). Appends the *_IMAGE lines that
 # select them to ENV_FILE (default: print them). Cached layers make a second build take seconds.
 set -euo pipefail
 . "$(dirname -- "${BASH_SOURCE[0]}")/../lib.sh"
@@ -21,12 +22,15 @@ build "$PREFIX-pushgateway:1.5" prometheus.Dockerfile --build-arg PACKAGE=promet
     --build-arg BINARY=prometheus-pushgateway
 build "$PREFIX-node-exporter:1.5" prometheus.Dockerfile --build-arg PACKAGE=prometheus-node-exporter \
     --build-arg BINARY=prometheus-node-exporter
+build "$PREFIX-s3:moto-5.2.6" s3.Dockerfile --build-arg MOTO_VERSION=5.2.6 \
+    -v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro --build-arg HOST_CA_BUNDLE=/run/host-ca.crt
 lines=$(cat <<LINES
 # stand-ins built by ci/stand-ins/build.sh
 POSTGRES_IMAGE=$PREFIX-postgres:15
 PROMETHEUS_IMAGE=$PREFIX-prometheus:2.42
 PUSHGATEWAY_IMAGE=$PREFIX-pushgateway:1.5
 NODE_EXPORTER_IMAGE=$PREFIX-node-exporter:1.5
+S3_IMAGE=$PREFIX-s3:moto-5.2.6
 LINES
 )
 if [ $# -ge 1 ]; then printf '%s\n' "$lines" >>"$1"; else printf '%s\n' "$lines"; fi

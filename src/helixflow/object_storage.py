@@ -323,7 +323,8 @@ def upload_results(local_dir: Path, url: str, *, client=None, transfer_config=No
     transfer_config
         A ``boto3.s3.transfer.TransferConfig`` (multipart threshold and part size); default: boto3's.
     skip
-        File names (not paths) to leave out, e.g. a lock file.
+        Names of files or folders to leave out (matched against every part of a file's path),
+        e.g. a lock file or snakemake's ``.snakemake`` folder.
 
     Returns
     -------
@@ -333,7 +334,8 @@ def upload_results(local_dir: Path, url: str, *, client=None, transfer_config=No
     prefix = parse_s3_url(url)
     with explained_errors(prefix):
         client = client or s3_client()
-    files = sorted(path for path in Path(local_dir).rglob("*") if path.is_file() and path.name not in skip)
+    files = sorted(path for path in Path(local_dir).rglob("*")
+                   if path.is_file() and not skip.intersection(path.relative_to(local_dir).parts))
     manifest = {"files": []}
     with explained_errors(prefix, client):
         # A reader must not take an earlier run's manifest for this one while files are replaced.
@@ -346,3 +348,28 @@ def upload_results(local_dir: Path, url: str, *, client=None, transfer_config=No
                           Body=json.dumps(manifest, indent=1).encode(), ContentType="application/json")
     log.info("uploaded %d files to %s; manifest %s", len(files), prefix, prefix.child(MANIFEST_NAME))
     return manifest
+
+
+def create_bucket(url: str, *, client=None) -> bool:
+    """Create the bucket of `url` unless it exists; whether it was created.
+
+    Parameters
+    ----------
+    url
+        ``s3://bucket[/prefix]``: only the bucket is created (S3 prefixes need no creating).
+    client
+        A boto3 S3 client; default: `s3_client()`.
+    """
+    address = parse_s3_url(url)
+    with explained_errors(address):
+        client = client or s3_client()
+    with explained_errors(address, client):
+        # Asked first: in us-east-1, S3 answers a repeated CreateBucket of one's own bucket with success.
+        if _bucket_exists(client, address):
+            return False
+        # Outside us-east-1, S3 wants the bucket's region named (MinIO takes either).
+        region = client.meta.region_name
+        where = {"CreateBucketConfiguration": {"LocationConstraint": region}} if region not in (None, "us-east-1") else {}
+        client.create_bucket(Bucket=address.bucket, **where)
+    log.info("created bucket %s", address.bucket)
+    return True
