@@ -85,12 +85,27 @@ class Rest:
         run_id = urllib.parse.quote(run_id, safe="")
         content = self.call(f"/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}"
                             "?full_content=true")["content"]
-        return "\n".join(str(e.get("event", e)) if isinstance(e, dict) else str(e) for e in content)
+        return "\n".join(log_line(e) for e in content)
 
     def tasks(self, run_id: str) -> dict[str, str]:
         run_id = urllib.parse.quote(run_id, safe="")
         instances = self.call(f"/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances?limit=100")["task_instances"]
         return {ti["task_id"]: ti["state"] for ti in instances}
+
+    def why_failed(self, run_id: str) -> str:
+        """A run's task states and the end of each failed task's log (an assertion message)."""
+        tasks = self.tasks(run_id)
+        logs = [f"--- {task}:\n{self.task_log(run_id, task)[-3000:]}" for task, state in tasks.items() if state == "failed"]
+        return "\n".join([json.dumps(tasks), *logs])
+
+
+def log_line(event) -> str:
+    """One structured log event as text: its message, and the exception when it carries one."""
+    if not isinstance(event, dict):
+        return str(event)
+    errors = [f"{e.get('exc_type')}: {e.get('exc_value')} (at {(e.get('frames') or [{}])[-1]})"
+              for e in event.get("error_detail") or [] if isinstance(e, dict)]
+    return " ".join([str(event.get("event", event)), *errors])
 
 
 def ui(script: str, *args: str, timeout: float = 1800) -> str:
@@ -216,8 +231,8 @@ def test_run_triggered_in_the_ui_succeeds_through_the_scheduler(stack, rest):
        base, password, DAG, IMAGES / "airflow-dag-list.png", json.dumps(UI_RUN), IMAGES / "airflow-trigger-form.png")
     finished = rest.wait_for_run(lambda r: (r["conf"] or {}).get("run_name") == "from-ui", "UI-triggered run")
     print(f"UI-triggered run: {time.monotonic() - started:.0f} s", file=sys.stderr)
+    assert finished["state"] == "success" and finished["run_type"] == "manual", rest.why_failed(finished["dag_run_id"])
     tasks = rest.tasks(finished["dag_run_id"])
-    assert finished["state"] == "success" and finished["run_type"] == "manual", tasks
     assert tasks.pop("annotate") == "skipped", tasks  # param annotate is empty
     assert tasks.pop("upload") == "skipped", tasks  # a local input: its results stay in the results folder
     assert set(tasks.values()) == {"success"}, tasks
@@ -308,7 +323,7 @@ def test_invalid_dataset_shows_the_helixflow_error_in_the_task_log_in_the_ui(sta
 
 def test_a_run_comes_from_the_schedule(stack, rest):
     scheduled = rest.wait_for_run(lambda r: r["run_type"] == "scheduled", "scheduled run")
-    assert scheduled["state"] == "success", rest.tasks(scheduled["dag_run_id"])
+    assert scheduled["state"] == "success", rest.why_failed(scheduled["dag_run_id"])
     assert (stack.results / "test" / "report.html").is_file()  # the default params: input test.h5ad
     assert [r["run_type"] for r in rest.runs()].count("scheduled") == 1  # the cron's next tick is a day away
     rest.call(f"/api/v2/dags/{DAG}", method="PATCH", body={"is_paused": True})
@@ -423,7 +438,7 @@ def test_an_object_uploaded_to_the_s3_inbox_gives_one_scheduled_run_and_results_
     started = time.monotonic()
     finished = rest.wait_for_run(lambda r: r["dag_run_id"].startswith("s3inbox__"), "run of the S3 inbox's object")
     print(f"run of an object uploaded to the S3 inbox: {time.monotonic() - started:.0f} s", file=sys.stderr)
-    assert finished["state"] == "success", rest.tasks(finished["dag_run_id"])
+    assert finished["state"] == "success", rest.why_failed(finished["dag_run_id"])
     run_name = finished["conf"]["run_name"]
     assert finished["conf"]["input"] == f"s3://{S3_BUCKET}/{S3_KEY}" and run_name.startswith("arrivals-cells-")
     assert rest.summary(finished["dag_run_id"])["results_url"] == f"s3://{S3_BUCKET}/results/{run_name}"
