@@ -75,6 +75,19 @@ class FamilyAdapter(Protocol):
 
     def describe(self, files, *, batch_size: int) -> dict[str, str]: ...
 
+    # Fine-tuning. ``classifier_files``: what a saved classifier folder holds besides
+    # helixflow.json; a classifier's forward takes pad_batch's keyword arguments and
+    # returns an object with ``logits``.
+    classifier_files: tuple[str, ...]
+
+    def padding(self, files): ...
+
+    def build_classifier(self, files, labels: list[str], *, frozen_layers: int, seed: int): ...
+
+    def save_classifier(self, state_dict: dict, model, files, out: Path, metadata: dict) -> Path: ...
+
+    def load_classifier(self, path: Path, device): ...
+
 
 def model_family(model_name: str) -> Family:
     """The family of a helical model name; a clear error for a name no family knows."""
