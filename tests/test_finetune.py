@@ -455,3 +455,45 @@ def test_deepspeed_config_refuses_what_cannot_run(train, precision, message):
                 "offload_params": "none", **train}
     with pytest.raises(HelixflowError, match=message):
         deepspeed_engine.deepspeed_config(settings, precision, "cpu")
+
+
+@pytest.fixture(scope="module")
+def scgpt_model(scgpt_labelled):
+    """A tiny scGPT classifier fine-tuned as Geneformer's is (ZeRO-2, optimizer offloaded to CPU, bf16)."""
+    profile = user_profile(scgpt_labelled.root / "profiles", "scgpt-zero2", SCGPT_MODEL_NAME, zero_stage=2,
+                           offload_optimizer="cpu", precision="bf16", epochs=3)
+    out = scgpt_labelled.root / "zero2"
+    summary = finetune(scgpt_labelled.split, scgpt_labelled.tokens, scgpt_labelled.files, profile, out / "model",
+                       out / "training_log.tsv", out / "checkpoints", seed=0, tracking_uri=out / "mlruns")
+    return SimpleNamespace(dir=out, model=out / "model", log=out / "training_log.tsv", summary=summary)
+
+
+def test_scgpt_fine_tunes_above_chance(scgpt_labelled, scgpt_model):
+    log = pd.read_csv(scgpt_model.log, sep="\t")
+    losses = log["train_loss"].dropna().to_numpy()
+    assert losses[-5:].mean() < losses[:5].mean()
+    assert scgpt_model.summary["validation_accuracy"] > 2 / 6  # 6 classes: twice chance
+    saved = FineTunedModel.open(scgpt_model.model)
+    assert saved.metadata["family"] == "scgpt" and saved.metadata["base_model"] == SCGPT_MODEL_NAME
+    assert validation_scores(scgpt_model.model, scgpt_labelled)["validation_accuracy"] == pytest.approx(
+        scgpt_model.summary["validation_accuracy"])
+
+
+def test_scgpt_evaluate_probes_its_own_embeddings_and_annotate_labels_every_cell(scgpt_labelled, scgpt_model, tmp_path):
+    embedded = []
+    for chunk, tokens in zip(scgpt_labelled.chunks, scgpt_labelled.tokens):
+        embedded.append(tmp_path / "embedded" / f"{chunk.stem}.h5ad")
+        embed_scgpt_chunk(tokens, chunk, scgpt_labelled.files, embedded[-1], batch_size=32, device="cpu")
+    gather_embeddings(embedded, tmp_path / "embeddings.h5ad", {})
+    metrics = evaluate(scgpt_model.model, scgpt_labelled.split, scgpt_labelled.tokens, tmp_path / "embeddings.h5ad",
+                       scgpt_model.log, tmp_path / "evaluate", device="cpu")
+    assert metrics["validation_cells"] == scgpt_labelled.n_validation
+    assert metrics["fine_tuned"]["accuracy"] == pytest.approx(scgpt_model.summary["validation_accuracy"], abs=0.03)
+    assert metrics["linear_probe"]["accuracy"] > 1 / 6
+
+    out = tmp_path / "annotated.h5ad"
+    assert cli.main(["annotate", str(scgpt_labelled.data), "--model-dir", str(scgpt_model.model), "--out", str(out)]) == 0
+    predicted = ad.read_h5ad(out).obs["predicted_cell_type"]
+    truth = ad.read_h5ad(scgpt_labelled.data).obs["cell_type"]
+    assert predicted.notna().all()
+    assert (predicted.astype(str) == truth.astype(str)).mean() > 2 / 6
