@@ -33,21 +33,17 @@ class Family:
         The ``obsm`` key of its cell embeddings.
     adapter
         The module implementing :class:`FamilyAdapter`.
-    no_finetuning_reason
-        Why the workflow cannot fine-tune the family's models; ``None`` where it can.
     """
 
     name: str
     models: tuple[str, ...]
     embedding_key: str
     adapter: str
-    no_finetuning_reason: str | None = None
 
 
 FAMILIES = {family.name: family for family in (
     Family("geneformer", tuple(GENEFORMER_MODELS), "X_geneformer", "helixflow.geneformer_family"),
-    Family("scgpt", (SCGPT_MODEL_NAME,), "X_scgpt", "helixflow.scgpt.family",
-           no_finetuning_reason="helixflow has no scGPT classifier head yet"),
+    Family("scgpt", (SCGPT_MODEL_NAME,), "X_scgpt", "helixflow.scgpt.family"),
 )}
 
 
