@@ -7,6 +7,9 @@ ordinary model directory (``config.json`` with ``id2label``/``label2id``,
 ``model.safetensors``) that ``AutoModelForSequenceClassification.from_pretrained`` loads,
 plus the base model's three gene dictionaries and ``helixflow.json`` (base model, label
 column, training facts), so it can tokenize and classify a new dataset on its own.
+
+What both families share is here too: :class:`FineTunedModel` opens either family's saved
+classifier (through the family's adapter), and :func:`predict_proba` runs either classifier.
 """
 
 from __future__ import annotations
