@@ -8,9 +8,9 @@ Then each step is run the way its workflow rule runs it (``helixflow step ...``,
 ``helixflow annotate``) in a fresh interpreter, which reports its own peak RSS (VmHWM): the
 per-chunk steps on the dataset's last chunk, the whole-dataset steps on all chunks.
 Fine-tuning itself cannot train on millions of cells here, so its data loading is measured
-(the label split read into per-cell numbers, one epoch's batch order, one batch fetched), and
-evaluate scores every validation cell with an untrained classifier saved by helixflow's own
-code.
+(the label split read into per-cell numbers, one epoch's batch order, one batch fetched and
+padded as the finetune step pads it), and evaluate scores every validation cell with an
+untrained classifier saved by helixflow's own code.
 
     nice python bench/memory.py                      # 1M and 10M cells; rewrites docs/benchmarks.md's section
     nice python bench/memory.py --steps evaluate     # only these steps (and what they need); the others'
@@ -57,11 +57,14 @@ sys.exit(code)
 """
 FINETUNE_LOADING = f"""
 import sys
+from helixflow.families import load_family
 from helixflow.finetune import load_labelled_cells
+from helixflow.model_files import ModelFiles
 from helixflow.token_batches import EpochBatches, pad_batch
-labels, cells = load_labelled_cells(sys.argv[1], sys.argv[2:])
+files = ModelFiles(sys.argv[1], "gf-6L-10M-i2048")
+labels, cells = load_labelled_cells(sys.argv[2], sys.argv[3:])
 batches = EpochBatches(cells["train"].lengths, 16, seed=0, epoch=0)
-pad_batch(cells["train"].fetch(batches[0]))
+pad_batch(cells["train"].fetch(batches[0]), load_family(files.model_name).padding(files))
 peak = next(int(line.split()[1]) // 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print("{PEAK_PREFIX}" + str(peak), file=sys.stderr)
 """
@@ -246,7 +249,7 @@ def measure(run: Run, plot_cells: int = 20_000, steps: tuple[str, ...] = STEPS) 
 
     for step, argv in commands.items():
         timed(step, CLI, argv)
-    timed("finetune (data loading)", FINETUNE_LOADING, [str(split_table), *run.paths("tokens")])
+    timed("finetune (data loading)", FINETUNE_LOADING, [str(run.models_dir / "tiny"), str(split_table), *run.paths("tokens")])
     if wanted & {"evaluate", "annotate"}:
         model_dir, training_log = save_untrained_classifier(run, split_table)
         timed("evaluate", CLI, ["step", "evaluate", str(model_dir), str(split_table), str(out / "evaluate"),

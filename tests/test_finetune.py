@@ -31,7 +31,11 @@ from helixflow.evaluate import (OUTPUT_FILES, classification_metrics, confusion_
 from helixflow.finetune import EarlyStopping, finetune
 from helixflow.h5ad import chunk_bounds
 from helixflow.label_split import VALIDATION, read_label_split, write_label_split
+from helixflow.families import SCGPT_MODEL_NAME, load_family
 from helixflow.profiles import load_profile
+from helixflow.scgpt.embedding import embed_chunk as embed_scgpt_chunk
+from helixflow.scgpt.files import ScGPTFiles, stage_synthetic
+from helixflow.scgpt.tokenization import tokenize_chunk as tokenize_scgpt_chunk
 from helixflow.split import split_chunk
 from helixflow.token_batches import EpochBatches, LabelledCells, TokenStore, pad_batch
 from helixflow.tokenization import tokenize_chunk
@@ -55,10 +59,30 @@ def labelled(tiny_v1, tmp_path_factory):
                            n_train=counts["train"], n_validation=counts["validation"])
 
 
-def user_profile(folder: Path, name: str, **train) -> dict:
-    """Write a profile for the tiny model with these train settings into ``folder``; load it."""
+@pytest.fixture(scope="module")
+def scgpt_labelled(labelled, tmp_path_factory):
+    """The same chunks and label split, tokenized for a tiny scGPT model."""
+    root = tmp_path_factory.mktemp("finetune-scgpt")
+    files = ScGPTFiles(root / "model")
+    stage_synthetic(files)
+    tokens = [root / f"{chunk.stem}.arrow" for chunk in labelled.chunks]
+    for chunk, out in zip(labelled.chunks, tokens):
+        tokenize_scgpt_chunk(chunk, files, out, gene_column="gene_symbol")
+    return SimpleNamespace(**{**vars(labelled), "root": root, "tokens": tokens, "files": files})
+
+
+@pytest.fixture(params=["geneformer", "scgpt"])
+def family_data(request, tiny_v1):
+    """Per family: its staged tiny model and the labelled cells tokenized for it."""
+    if request.param == "geneformer":
+        return SimpleNamespace(**vars(request.getfixturevalue("labelled")), files=tiny_v1, family="geneformer")
+    return SimpleNamespace(**vars(request.getfixturevalue("scgpt_labelled")), family="scgpt")
+
+
+def user_profile(folder: Path, name: str, model_name: str = "gf-6L-10M-i2048", **train) -> dict:
+    """Write a profile for a tiny model with these train settings into ``folder``; load it."""
     settings = {"batch_size": 8, "learning_rate": 3.0e-3, "epochs": 1, "checkpoint_every": 5, **train}
-    profile = {"name": name, "model_name": "gf-6L-10M-i2048", "device": "cpu", "precision": "fp32", "train": settings}
+    profile = {"name": name, "model_name": model_name, "device": "cpu", "precision": "fp32", "train": settings}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.yaml").write_text(yaml.safe_dump(profile))
     return load_profile(name, folder)
@@ -137,7 +161,8 @@ def validation_scores(model_dir: Path, labelled) -> dict:
     labels = FineTunedModel.open(model_dir).metadata["labels"]
     cells = LabelledCells.from_split(split[split["split"] == VALIDATION], labels, TokenStore(labelled.tokens))
     model = FineTunedModel.open(model_dir).load_model(torch.device("cpu"))
-    probabilities = predict_proba(model, cells.fetch, cells.lengths, len(labels), 16, torch.device("cpu"))
+    probabilities = predict_proba(model, cells.fetch, cells.lengths, len(labels), 16, torch.device("cpu"),
+                                  padding=FineTunedModel.open(model_dir).padding())
     chosen = probabilities[np.arange(len(cells)), cells.targets]
     return {"validation_loss": float(-np.log(chosen).mean()),
             "validation_accuracy": float((probabilities.argmax(axis=1) == cells.targets).mean())}
@@ -179,29 +204,32 @@ def test_an_improvement_is_better_by_more_than_min_delta(metric, value, improves
     assert stopping.improves(best, None)  # the first validation is the best so far
 
 
-def test_reloaded_model_predicts_what_the_trained_engine_did(labelled, tiny_v1, tmp_path):
+def test_reloaded_model_predicts_what_the_trained_engine_did(family_data, tmp_path):
     """ZeRO-3 partitions the weights: saving must gather them, and reloading must give the same predictions."""
-    split = read_label_split(labelled.split)
+    split = read_label_split(family_data.split)
     labels = sorted(split["label"].unique())
-    cells = LabelledCells.from_split(split[split["split"] == "train"], labels, TokenStore(labelled.tokens))
+    cells = LabelledCells.from_split(split[split["split"] == "train"], labels, TokenStore(family_data.tokens))
     train = user_profile(tmp_path, "reload", zero_stage=3, offload_params="cpu", offload_optimizer="cpu")["train"]
-    model = build_classifier(tiny_v1, labels, frozen_layers=1, seed=0)
-    config = model.config
+    family = load_family(family_data.files.model_name)
+    padding = family.padding(family_data.files)
+    model = family.build_classifier(family_data.files, labels, frozen_layers=1, seed=0)
     engine = deepspeed_engine.initialize(model, train, "fp32", torch.device("cpu"), total_steps=4)
     for step in range(4):
         batch = np.arange(step * 8, step * 8 + 8)
-        ids, attention = pad_batch(cells.fetch(batch))
-        loss = torch.nn.functional.cross_entropy(engine(input_ids=ids, attention_mask=attention).logits,
+        loss = torch.nn.functional.cross_entropy(engine(**pad_batch(cells.fetch(batch), padding)).logits,
                                                  torch.from_numpy(cells.targets[batch].astype(np.int64)))
         engine.backward(loss)
         engine.step()
     engine.eval()
-    trained = predict_proba(engine, cells.fetch, cells.lengths, len(labels), 16, torch.device("cpu"))
-    save_classifier(deepspeed_engine.gathered_state_dict(engine), config, tiny_v1, tmp_path / "model", {"label_column": "cell_type"})
+    trained = predict_proba(engine, cells.fetch, cells.lengths, len(labels), 16, torch.device("cpu"), padding=padding)
+    family.save_classifier(deepspeed_engine.gathered_state_dict(engine), model, family_data.files, tmp_path / "model",
+                           {"label_column": "cell_type"})
 
-    reloaded = FineTunedModel.open(tmp_path / "model").load_model(torch.device("cpu"))
+    saved = FineTunedModel.open(tmp_path / "model")
+    assert saved.metadata["family"] == family_data.family
+    reloaded = saved.load_model(torch.device("cpu"))
     assert reloaded.config.id2label == dict(enumerate(labels))
-    again = predict_proba(reloaded, cells.fetch, cells.lengths, len(labels), 16, torch.device("cpu"))
+    again = predict_proba(reloaded, cells.fetch, cells.lengths, len(labels), 16, torch.device("cpu"), padding=saved.padding())
     np.testing.assert_array_equal(again.argmax(axis=1), trained.argmax(axis=1))
     np.testing.assert_allclose(again, trained, atol=1e-5)
 
@@ -427,3 +455,45 @@ def test_deepspeed_config_refuses_what_cannot_run(train, precision, message):
                 "offload_params": "none", **train}
     with pytest.raises(HelixflowError, match=message):
         deepspeed_engine.deepspeed_config(settings, precision, "cpu")
+
+
+@pytest.fixture(scope="module")
+def scgpt_model(scgpt_labelled):
+    """A tiny scGPT classifier fine-tuned as Geneformer's is (ZeRO-2, optimizer offloaded to CPU, bf16)."""
+    profile = user_profile(scgpt_labelled.root / "profiles", "scgpt-zero2", SCGPT_MODEL_NAME, zero_stage=2,
+                           offload_optimizer="cpu", precision="bf16", epochs=3)
+    out = scgpt_labelled.root / "zero2"
+    summary = finetune(scgpt_labelled.split, scgpt_labelled.tokens, scgpt_labelled.files, profile, out / "model",
+                       out / "training_log.tsv", out / "checkpoints", seed=0, tracking_uri=out / "mlruns")
+    return SimpleNamespace(dir=out, model=out / "model", log=out / "training_log.tsv", summary=summary)
+
+
+def test_scgpt_fine_tunes_above_chance(scgpt_labelled, scgpt_model):
+    log = pd.read_csv(scgpt_model.log, sep="\t")
+    losses = log["train_loss"].dropna().to_numpy()
+    assert losses[-5:].mean() < losses[:5].mean()
+    assert scgpt_model.summary["validation_accuracy"] > 2 / 6  # 6 classes: twice chance
+    saved = FineTunedModel.open(scgpt_model.model)
+    assert saved.metadata["family"] == "scgpt" and saved.metadata["base_model"] == SCGPT_MODEL_NAME
+    assert validation_scores(scgpt_model.model, scgpt_labelled)["validation_accuracy"] == pytest.approx(
+        scgpt_model.summary["validation_accuracy"])
+
+
+def test_scgpt_evaluate_probes_its_own_embeddings_and_annotate_labels_every_cell(scgpt_labelled, scgpt_model, tmp_path):
+    embedded = []
+    for chunk, tokens in zip(scgpt_labelled.chunks, scgpt_labelled.tokens):
+        embedded.append(tmp_path / "embedded" / f"{chunk.stem}.h5ad")
+        embed_scgpt_chunk(tokens, chunk, scgpt_labelled.files, embedded[-1], batch_size=32, device="cpu")
+    gather_embeddings(embedded, tmp_path / "embeddings.h5ad", {})
+    metrics = evaluate(scgpt_model.model, scgpt_labelled.split, scgpt_labelled.tokens, tmp_path / "embeddings.h5ad",
+                       scgpt_model.log, tmp_path / "evaluate", device="cpu")
+    assert metrics["validation_cells"] == scgpt_labelled.n_validation
+    assert metrics["fine_tuned"]["accuracy"] == pytest.approx(scgpt_model.summary["validation_accuracy"], abs=0.03)
+    assert metrics["linear_probe"]["accuracy"] > 1 / 6
+
+    out = tmp_path / "annotated.h5ad"
+    assert cli.main(["annotate", str(scgpt_labelled.data), "--model-dir", str(scgpt_model.model), "--out", str(out)]) == 0
+    predicted = ad.read_h5ad(out).obs["predicted_cell_type"]
+    truth = ad.read_h5ad(scgpt_labelled.data).obs["cell_type"]
+    assert predicted.notna().all()
+    assert (predicted.astype(str) == truth.astype(str)).mean() > 2 / 6

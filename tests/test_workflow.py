@@ -105,10 +105,13 @@ def test_outputs_of_each_family(family, request):
     assert f"profile: {run['profile']}" in versions
 
 
-def test_scgpt_run_skips_finetuning_and_says_why(finished_scgpt_run):
-    assert "fine-tuning skipped for profile scgpt-tiny (scgpt): helixflow has no scGPT classifier head yet" in (
-        finished_scgpt_run.stderr)
-    assert not (SCGPT_OUT / "finetune").exists() and not (SCGPT_OUT / "evaluate").exists()
+def test_scgpt_run_fine_tunes_and_evaluates(finished_scgpt_run):
+    metrics = json.loads((SCGPT_OUT / "evaluate" / "metrics.json").read_text())
+    assert metrics["model"]["base_model"] == "best_model" and metrics["validation_cells"] == 120
+    assert metrics["fine_tuned"]["accuracy"] > 2 * metrics["chance_accuracy"]
+    assert json.loads((SCGPT_OUT / "finetune" / "model" / "helixflow.json").read_text())["family"] == "scgpt"
+    trace = pd.read_csv(SCGPT_OUT / "pipeline_info" / "execution_trace.tsv", sep="\t")
+    assert {"label_split", "finetune", "evaluate"} <= set(trace["process"])
     check = json.loads((SCGPT_OUT / "qc" / "input_check.json").read_text())
     assert check["gene_ids"]["column"] == "var['gene_symbol']" and check["genes_in_vocabulary"] == 1_600
 

@@ -59,8 +59,7 @@ import pendulum
 from airflow.sdk import DAG, Param, task
 from airflow.sdk.exceptions import AirflowSkipException
 # helixflow's light modules (no model stack; installed in the Airflow image): the step table and
-# the profiles and model families, as the workflow itself reads them.
-from helixflow.families import FAMILIES
+# the profiles, as the workflow itself reads them.
 from helixflow.local_resources import SNAKEMAKE_RESERVE_MB
 from helixflow.object_storage import is_s3_url, parse_s3_url
 from helixflow.profiles import list_profiles, load_profile, step_resources
@@ -171,14 +170,6 @@ def read_results_json(params: dict, relative: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def finetune_skip_reason(params: dict) -> str | None:
-    """Why this run does not fine-tune, or None when it does: no labels, or a model family without a classifier head."""
-    family = FAMILIES[read_profile(params["model"])["family"]]
-    if family.no_finetuning_reason:
-        return f"model profile {params['model']} ({family.name}): {family.no_finetuning_reason}; embeddings and report only"
-    return label_skip_reason(params)
-
-
 def label_skip_reason(params: dict) -> str | None:
     """Why this run has no labels to fine-tune on, or None when it has them.
 
@@ -200,7 +191,7 @@ def stage_skip_reason(params: dict, stage: str) -> str | None:
     if stage not in params["stages"]:
         return f"stage {stage} not selected"
     if stage in FINETUNE_STAGES:
-        reason = finetune_skip_reason(params)
+        reason = label_skip_reason(params)
         if reason:
             return f"no fine-tuning: {reason}"
     if stage == "annotate" and not params.get("annotate"):
@@ -227,9 +218,7 @@ def stage_command(params: dict, stage: str, data_dir: str, results_dir: str, mod
         command += ["--no-finetune", "--label-column", ""]
     else:
         command += ["--label-column", params["label_column"]]
-        if finetune_skip_reason(params):  # labels colour the map, but the model family is not fine-tuned
-            command.append("--no-finetune")
-        elif params.get("annotate"):
+        if params.get("annotate"):
             command += ["--annotate", input_path(params, data_dir, "annotate")]
     if profiles_dir:
         command += ["--profiles-dir", profiles_dir]
@@ -491,7 +480,7 @@ with DAG(
 
     def finetune_summary(params: dict, out: Path) -> dict:
         """Held-out scores of the fine-tuned model and the linear probe (evaluate/metrics.json), or why none."""
-        reason = finetune_skip_reason(params)
+        reason = label_skip_reason(params)
         metrics = read_results_json(params, "evaluate/metrics.json")
         if reason or metrics is None:
             return {"skipped": reason or "not evaluated (stage evaluate not selected or not finished)"}

@@ -22,7 +22,7 @@ from helixflow.classifier import FineTunedModel, class_labels, predict_proba
 from helixflow.embedding import resolve_device
 from helixflow.h5ad import inspect_h5ad, iter_row_blocks, read_obs_rows, read_var, write_empty_matrix
 from helixflow.outputs import atomic_path
-from helixflow.tokenization import CellTokenizer
+from helixflow.token_batches import VALUES_COLUMN, CellTokens
 
 BLOCK_CELLS = 10_000
 PROBABILITY_COLUMN = "prediction_probability"
@@ -54,7 +54,9 @@ def annotate(
         torch.set_num_threads(threads)
     layout = inspect_h5ad(input_path)
     fine_tuned = FineTunedModel.open(model_dir)
-    tokenizer = CellTokenizer(fine_tuned, read_var(input_path), gene_id_column, symbol_map, Path(input_path))
+    tokenizer = fine_tuned.family.gene_tokenizer(fine_tuned, read_var(input_path), gene_column=gene_id_column,
+                                                 symbol_map=symbol_map, path=Path(input_path))
+    padding = fine_tuned.padding()
     torch_device = resolve_device(device)
     model = fine_tuned.load_model(torch_device)
     labels = class_labels(model)
@@ -84,10 +86,9 @@ def annotate(
             rows = slice(first, first + block.shape[0])
             n_counts = read_obs_rows(source, rows.start, rows.stop, ["n_counts"])["n_counts"].to_numpy(dtype=np.float64) if counted else None
             tokens = tokenizer.encode(block, n_counts)
-            input_ids, lengths = tokens.column("input_ids"), tokens.column("length").to_numpy()
-            probabilities = predict_proba(
-                model, lambda positions: [input_ids[int(p)].values.to_numpy(zero_copy_only=False) for p in positions],
-                lengths, len(labels), batch_size, torch_device, precision)
+            lengths = tokens.column("length").to_numpy()
+            probabilities = predict_proba(model, lambda positions: block_cells(tokens, positions), lengths, len(labels),
+                                          batch_size, torch_device, precision, padding=padding)
             known = np.nan_to_num(probabilities)  # cells without genes: NaN rows, no prediction
             predicted = np.where(lengths > 0, known.argmax(axis=1), -1)
             codes[rows] = predicted
@@ -100,3 +101,12 @@ def annotate(
                                                             "mlflow_run_id": fine_tuned.metadata["mlflow_run_id"]}})
     counts = pd.Series(per_label, index=pd.Index([*labels, np.nan], name=column), name="cells")
     return counts, column
+
+
+def block_cells(tokens, positions: np.ndarray) -> CellTokens:
+    """The tokens of some cells of a tokenized block (an Arrow record batch), values too where it has them."""
+
+    def cells(column: str) -> list[np.ndarray]:
+        return [tokens.column(column)[int(p)].values.to_numpy(zero_copy_only=False) for p in positions]
+
+    return CellTokens(cells("input_ids"), cells(VALUES_COLUMN) if VALUES_COLUMN in tokens.schema.names else None)

@@ -7,6 +7,9 @@ ordinary model directory (``config.json`` with ``id2label``/``label2id``,
 ``model.safetensors``) that ``AutoModelForSequenceClassification.from_pretrained`` loads,
 plus the base model's three gene dictionaries and ``helixflow.json`` (base model, label
 column, training facts), so it can tokenize and classify a new dataset on its own.
+
+What both families share is here too: :class:`FineTunedModel` opens either family's saved
+classifier (through the family's adapter), and :func:`predict_proba` runs either classifier.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from helixflow.embedding import PRECISIONS
 from helixflow.errors import HelixflowError
 from helixflow.model_files import DICTIONARY_FILES, ModelFiles, load_dictionaries
 from helixflow.outputs import atomic_path
-from helixflow.token_batches import inference_batches, pad_batch
+from helixflow.token_batches import CellTokens, Padding, inference_batches, pad_batch
 
 METADATA_FILE = "helixflow.json"
 
@@ -85,7 +88,7 @@ def save_classifier(state_dict: dict, config, files: ModelFiles, out: str | Path
     files
         The staged base model whose dictionaries are copied alongside.
     metadata
-        Written to ``helixflow.json`` with the base model's name added.
+        Written by :func:`write_metadata`.
     """
     from transformers import BertForSequenceClassification
 
@@ -95,17 +98,34 @@ def save_classifier(state_dict: dict, config, files: ModelFiles, out: str | Path
         model.save_pretrained(partial)
         for name in DICTIONARY_FILES:
             shutil.copy2(files.version_dir / name, partial / name)
-        (partial / METADATA_FILE).write_text(json.dumps({"base_model": files.model_name, **metadata}, indent=2) + "\n")
+        write_metadata(partial, files, metadata)
     return Path(out)
+
+
+def load_classifier(path: Path, device: torch.device):
+    """A saved Geneformer classifier in eval mode on ``device``, from local files only."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="sdpa", local_files_only=True)
+    return model.eval().to(device)
+
+
+def write_metadata(folder: Path, files, metadata: dict) -> None:
+    """Write ``helixflow.json`` into a classifier folder: ``metadata`` with the base model and its family."""
+    from helixflow.families import model_family
+
+    facts = {"base_model": files.model_name, "family": model_family(files.model_name).name, **metadata}
+    (folder / METADATA_FILE).write_text(json.dumps(facts, indent=2) + "\n")
 
 
 @dataclass(frozen=True)
 class FineTunedModel:
-    """A classifier directory written by :func:`save_classifier`.
+    """A classifier directory written by a family adapter's ``save_classifier``.
 
-    It offers ``model_name``, ``token_dictionary`` and ``load_dictionaries()`` as
-    :class:`~helixflow.model_files.ModelFiles` does, so a
-    :class:`~helixflow.tokenization.CellTokenizer` can tokenize with its vocabulary.
+    It offers what tokenizing with its vocabulary needs, as the family's staged files do:
+    ``model_name``, ``token_dictionary`` and ``load_dictionaries()`` as
+    :class:`~helixflow.model_files.ModelFiles` (Geneformer), ``load_vocabulary()`` and
+    ``load_architecture()`` as :class:`~helixflow.scgpt.files.ScGPTFiles` (scGPT).
     """
 
     path: Path
@@ -114,29 +134,52 @@ class FineTunedModel:
     @classmethod
     def open(cls, path: str | Path) -> FineTunedModel:
         path = Path(path)
-        missing = [name for name in ("config.json", METADATA_FILE, *DICTIONARY_FILES) if not (path / name).is_file()]
+        if not (path / METADATA_FILE).is_file():
+            raise HelixflowError(path, f"not a helixflow fine-tuned model folder (missing {METADATA_FILE})")
+        model = cls(path, json.loads((path / METADATA_FILE).read_text()))
+        missing = [name for name in model.family.classifier_files if not (path / name).is_file()]
         if missing:
             raise HelixflowError(path, f"not a helixflow fine-tuned model folder (missing {', '.join(missing)})")
-        return cls(path, json.loads((path / METADATA_FILE).read_text()))
+        return model
 
     @property
     def model_name(self) -> str:
         return self.metadata["base_model"]
 
     @property
+    def family(self):
+        """The adapter module of the base model's family."""
+        from helixflow.families import load_family
+
+        return load_family(self.model_name)
+
+    @property
     def token_dictionary(self) -> Path:
         return self.path / DICTIONARY_FILES[0]
 
     def load_dictionaries(self) -> tuple[dict, dict, dict]:
-        """The dictionaries copied from the base model, loaded without running code."""
+        """The Geneformer dictionaries copied from the base model, loaded without running code."""
         return load_dictionaries(self.path)
+
+    def load_vocabulary(self) -> dict[str, int]:
+        """The scGPT vocabulary copied from the base model."""
+        from helixflow.scgpt.files import VOCABULARY_FILE, read_vocabulary
+
+        return read_vocabulary(self.path / VOCABULARY_FILE)
+
+    def load_architecture(self) -> dict:
+        """The scGPT architecture and input settings written with the classifier."""
+        from helixflow.scgpt.files import ARGS_FILE, read_architecture
+
+        return read_architecture(self.path / ARGS_FILE)
+
+    def padding(self) -> Padding:
+        """What pads a batch for this classifier."""
+        return self.family.padding(self)
 
     def load_model(self, device: torch.device):
         """The classifier in eval mode on ``device``, from local files only."""
-        from transformers import AutoModelForSequenceClassification
-
-        model = AutoModelForSequenceClassification.from_pretrained(self.path, attn_implementation="sdpa", local_files_only=True)
-        return model.eval().to(device)
+        return self.family.load_classifier(self.path, device)
 
 
 def class_labels(model) -> list[str]:
@@ -146,27 +189,31 @@ def class_labels(model) -> list[str]:
 
 def predict_proba(
     model,
-    fetch: Callable[[np.ndarray], list[np.ndarray]],
+    fetch: Callable[[np.ndarray], CellTokens],
     lengths: np.ndarray,
     n_classes: int,
     batch_size: int,
     device: torch.device,
     precision: str = "fp32",
+    *,
+    padding: Padding,
 ) -> np.ndarray:
     """Class probabilities of tokenized cells, in input order.
 
     Parameters
     ----------
     model
-        A sequence classifier (or a DeepSpeed engine around one), in eval mode.
+        A classifier of a family's adapter (or a DeepSpeed engine around one), in eval mode.
     fetch
-        Returns the token ids of the cells at the given positions.
+        Returns the tokens of the cells at the given positions.
     lengths
         Tokens per cell; cells without tokens get NaN rows.
     n_classes
         Number of classes the model outputs.
     precision
         Autocast dtype for the forward pass (``fp32``: none).
+    padding
+        What pads a batch (the family adapter's ``padding``).
 
     Returns
     -------
@@ -180,7 +227,7 @@ def predict_proba(
     with torch.no_grad(), autocast:
         for batch in inference_batches(lengths[present], batch_size):
             positions = present[batch]
-            ids, attention = pad_batch(fetch(positions))
-            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits.float()
+            inputs = pad_batch(fetch(positions), padding)
+            logits = model(**{name: tensor.to(device) for name, tensor in inputs.items()}).logits.float()
             out[positions] = torch.softmax(logits, dim=-1).cpu().numpy()
     return out

@@ -337,7 +337,6 @@ def cmd_run(args) -> int:
     if args.until == "annotate" and not args.annotate:
         raise HelixflowError(args.input, "--until annotate needs --annotate DATASET (the .h5ad to label)")
     profile = load_profile(args.model, args.profiles_dir)
-    _check_annotation_possible(profile, args.annotate)
     if args.until == "stage" and _is_staged(profile, args.models_dir, args.configfile):
         # The workflow has no stage_model job for a staged model: nothing to do.
         print(f"helixflow: model of profile {args.model} is already staged", file=sys.stderr)
@@ -684,32 +683,12 @@ def cmd_step_finetune(args) -> int:
     from helixflow.finetune import finetune
 
     profile, files = _model_files(args)
-    _require_finetuning(profile)
     summary = finetune(args.split, args.tokens, files, profile, args.out_model, args.out_log, args.checkpoints,
                        args.seed, args.mlflow_uri, args.mlflow_experiment, args.label, args.threads)
     print(f"helixflow: fine-tuned in {summary['seconds_this_session']} s ({summary['stop_reason']}): kept epoch "
           f"{summary['kept']['epoch']:g}, validation accuracy {summary['validation_accuracy']:.4f} -> {args.out_model} "
           f"(MLflow run {summary['mlflow_run_id']})")
     return summary["train_cells"] + summary["validation_cells"]
-
-
-def _check_annotation_possible(profile: dict, annotate: Path | None) -> None:
-    """``--annotate`` needs a fine-tuned model: refuse it, before the run, for a family that is not fine-tuned."""
-    from helixflow.families import FAMILIES
-
-    reason = FAMILIES[profile["family"]].no_finetuning_reason
-    if annotate and reason:
-        raise HelixflowError(annotate, f"--annotate needs a fine-tuned model, and profile {profile['name']} "
-                                       f"({profile['family']}) is not fine-tuned: {reason}")
-
-
-def _require_finetuning(profile: dict) -> None:
-    """Refuse to fine-tune a model family that has no classifier head, saying why."""
-    from helixflow.families import FAMILIES
-
-    reason = FAMILIES[profile["family"]].no_finetuning_reason
-    if reason:
-        raise HelixflowError(profile["name"], f"cannot fine-tune a {profile['family']} model: {reason}")
 
 
 def cmd_step_evaluate(args) -> int:

@@ -30,12 +30,13 @@ import pandas as pd
 import torch
 
 from helixflow.classifier import FineTunedModel, class_labels, predict_proba
-from helixflow.embedding import EMBEDDING_KEY, resolve_device
+from helixflow.embedding import resolve_device
 from helixflow.errors import HelixflowError
+from helixflow.families import model_family
 from helixflow.h5ad import read_rows
 from helixflow.label_split import TRAIN, VALIDATION, draw_uniform, iter_label_split
 from helixflow.outputs import atomic_path
-from helixflow.token_batches import LabelledCells, TokenStore, scoring_blocks
+from helixflow.token_batches import LabelledCells, Padding, TokenStore, scoring_blocks
 from helixflow.tracking import tracked_run
 
 LOGGER = logging.getLogger(__name__)
@@ -75,8 +76,9 @@ def classification_metrics(confusion: np.ndarray, labels: list[str]) -> dict:
     }
 
 
-def fit_linear_probe(embeddings_path: str | Path, split_path: str | Path, labels: list[str], seed: int = 0):
-    """A logistic regression on frozen embeddings of (at most ``PROBE_MAX_TRAIN_CELLS``) train cells.
+def fit_linear_probe(embeddings_path: str | Path, split_path: str | Path, labels: list[str], seed: int = 0, *,
+                     embedding_key: str):
+    """A logistic regression on frozen embeddings (``obsm[embedding_key]``) of (at most ``PROBE_MAX_TRAIN_CELLS``) train cells.
 
     The train cells are a uniform sample drawn while the split is read block by block, and
     only their embeddings are read, so memory is bounded whatever the number of cells.
@@ -104,7 +106,7 @@ def fit_linear_probe(embeddings_path: str | Path, split_path: str | Path, labels
         indices.append(block["cell_index"].to_numpy(dtype=np.int64)[chosen])
         targets.append(pd.Categorical(block["label"], categories=labels).codes[chosen])
     with h5py.File(embeddings_path, "r") as handle:
-        embeddings = handle[f"obsm/{EMBEDDING_KEY}"]
+        embeddings = handle[f"obsm/{embedding_key}"]
         if embeddings.shape[0] != n_cells:
             raise HelixflowError(embeddings_path, f"holds {embeddings.shape[0]} cells but the label split {n_cells}")
         train_x = read_rows(embeddings, np.concatenate(indices))
@@ -219,11 +221,13 @@ def evaluate(
     torch_device = resolve_device(device)
     model = fine_tuned.load_model(torch_device)
     labels = class_labels(model)
-    probe, probe_cells = fit_linear_probe(embeddings_path, split_path, labels, fine_tuned.metadata["seed"])
+    embedding_key = model_family(fine_tuned.model_name).embedding_key
+    probe, probe_cells = fit_linear_probe(embeddings_path, split_path, labels, fine_tuned.metadata["seed"],
+                                          embedding_key=embedding_key)
     with h5py.File(embeddings_path, "r") as handle, atomic_path(out_dir / "predictions.tsv") as predictions:
         confusion = score_validation_cells(
-            model, probe, handle[f"obsm/{EMBEDDING_KEY}"], split_path, tokens_paths, labels, predictions,
-            batch_size=batch_size, device=torch_device, precision=precision)
+            model, probe, handle[f"obsm/{embedding_key}"], split_path, tokens_paths, labels, predictions,
+            batch_size=batch_size, device=torch_device, precision=precision, padding=fine_tuned.padding())
     scores = {name: classification_metrics(counts, labels) for name, counts in confusion.items()}
     chance = 1 / len(labels)
     metrics = {
@@ -248,7 +252,7 @@ def evaluate(
 
 def score_validation_cells(model, probe, embeddings: h5py.Dataset, split_path: str | Path,
                            tokens_paths: list[str | Path], labels: list[str], predictions: Path, *, batch_size: int, device: torch.device,
-                           precision: str) -> dict[str, np.ndarray]:
+                           precision: str, padding: Padding) -> dict[str, np.ndarray]:
     """Score every validation cell with both models, block by block; return their confusion matrices.
 
     The label split is read in blocks and each block's validation cells scored in blocks of
@@ -274,7 +278,8 @@ def score_validation_cells(model, probe, embeddings: h5py.Dataset, split_path: s
         cell_ids = block["cell_id"].to_numpy()
         for positions in scoring_blocks(len(cells)):
             part = cells.take(positions)
-            probabilities = predict_proba(model, part.fetch, part.lengths, len(labels), batch_size, device, precision)
+            probabilities = predict_proba(model, part.fetch, part.lengths, len(labels), batch_size, device, precision,
+                                          padding=padding)
             predicted = {"fine-tuned": probabilities.argmax(axis=1),
                          "linear probe": probe.predict(read_rows(embeddings, part.cell_index))}
             for name, classes in predicted.items():

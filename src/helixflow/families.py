@@ -33,21 +33,17 @@ class Family:
         The ``obsm`` key of its cell embeddings.
     adapter
         The module implementing :class:`FamilyAdapter`.
-    no_finetuning_reason
-        Why the workflow cannot fine-tune the family's models; ``None`` where it can.
     """
 
     name: str
     models: tuple[str, ...]
     embedding_key: str
     adapter: str
-    no_finetuning_reason: str | None = None
 
 
 FAMILIES = {family.name: family for family in (
     Family("geneformer", tuple(GENEFORMER_MODELS), "X_geneformer", "helixflow.geneformer_family"),
-    Family("scgpt", (SCGPT_MODEL_NAME,), "X_scgpt", "helixflow.scgpt.family",
-           no_finetuning_reason="helixflow has no scGPT classifier head yet"),
+    Family("scgpt", (SCGPT_MODEL_NAME,), "X_scgpt", "helixflow.scgpt.family"),
 )}
 
 
@@ -74,6 +70,19 @@ class FamilyAdapter(Protocol):
                     precision: str, threads: int | None, progress: bool, provenance: dict | None) -> int: ...
 
     def describe(self, files, *, batch_size: int) -> dict[str, str]: ...
+
+    # Fine-tuning. ``classifier_files``: what a saved classifier folder holds besides
+    # helixflow.json; a classifier's forward takes pad_batch's keyword arguments and
+    # returns an object with ``logits``.
+    classifier_files: tuple[str, ...]
+
+    def padding(self, files): ...
+
+    def build_classifier(self, files, labels: list[str], *, frozen_layers: int, seed: int): ...
+
+    def save_classifier(self, state_dict: dict, model, files, out: Path, metadata: dict) -> Path: ...
+
+    def load_classifier(self, path: Path, device): ...
 
 
 def model_family(model_name: str) -> Family:

@@ -1,4 +1,8 @@
-"""The ``finetune`` step: train a Geneformer cell classifier with DeepSpeed, resumably.
+"""The ``finetune`` step: train a cell classifier of either model family with DeepSpeed, resumably.
+
+The classifier is the family adapter's (``build_classifier``; Geneformer's
+:mod:`helixflow.classifier`, scGPT's :mod:`helixflow.scgpt.classifier`); everything else here
+is the same for both families.
 
 Cells come from the tokenized chunks (memory-mapped, one batch read at a time) and their
 labels and train/validation assignment from the ``label_split`` table. The model profile's
@@ -35,19 +39,20 @@ import pandas as pd
 import torch
 
 from helixflow import deepspeed_engine
-from helixflow.classifier import build_classifier, predict_proba, save_classifier
+from helixflow.classifier import predict_proba
 from helixflow.embedding import resolve_device
 from helixflow.errors import HelixflowError
+from helixflow.families import load_family
 from helixflow.label_split import TRAIN, VALIDATION, class_names
-from helixflow.model_files import ModelFiles
 from helixflow.outputs import atomic_path
 from helixflow.profiles import check_train_settings
-from helixflow.token_batches import EpochBatches, LabelledCells, TokenStore, pad_batch, scoring_blocks
+from helixflow.token_batches import EpochBatches, LabelledCells, Padding, TokenStore, pad_batch, scoring_blocks
 from helixflow.tracking import resolve_tracking_uri, tracked_run
 
 LOGGER = logging.getLogger(__name__)
 RUN_FILE = "run.json"  # in the checkpoint folder: the fingerprint of the run its checkpoints belong to
 # kept: on validation rows, whether that validation's weights are the saved model's.
+FINGERPRINT_FILE_BYTES = 4 << 20  # staged files up to this size are fingerprinted by content, larger ones by size
 LOG_COLUMNS = ["step", "epoch", "train_loss", "learning_rate", "validation_loss", "validation_accuracy", "kept"]
 
 
@@ -123,7 +128,7 @@ class EarlyStopping:
 def finetune(
     split_path: str | Path,
     tokens_paths: list[str | Path],
-    files: ModelFiles,
+    files,
     profile: dict,
     out_model: str | Path,
     out_log: str | Path,
@@ -146,7 +151,7 @@ def finetune(
     tokens_paths
         Tokenized chunks; each file's stem is a chunk name of the table.
     files
-        The staged base model.
+        The staged base model (its family's model files).
     profile
         The model profile (``name``, ``device``, ``precision``, ``train``); ``train.precision``,
         when set, overrides the profile's precision for training.
@@ -179,8 +184,9 @@ def finetune(
                                          f"batch_size {train['batch_size']} x gradient_accumulation {train['gradient_accumulation']}")
     resuming = prepare_checkpoints(checkpoints, run_fingerprint(split_path, tokens_paths, files, profile, seed))
 
-    model = build_classifier(files, labels, train["frozen_layers"], seed)
-    config = model.config
+    family = load_family(files.model_name)
+    padding = family.padding(files)
+    model = family.build_classifier(files, labels, frozen_layers=train["frozen_layers"], seed=seed)
     engine = deepspeed_engine.initialize(model, train, precision, device, plan.total_steps)
     stopping = EarlyStopping.from_train(train)
     state = {"micro_batch": 0, "pending_losses": [], "history": [], "mlflow_run_id": None, "validated_at": 0,
@@ -199,9 +205,11 @@ def finetune(
                                 **{f"train.{key}": value for key, value in train.items()}})
         while state["stop_reason"] is None:
             if not plan.validation_due(state):
-                train_to_epoch_end(engine, cells[TRAIN], plan, seed, state, tracker, checkpoints, train["checkpoint_every"], progress)
+                train_to_epoch_end(engine, cells[TRAIN], plan, seed, state, tracker, checkpoints, train["checkpoint_every"], progress,
+                                   padding=padding)
                 continue
-            record = validate(engine, cells[VALIDATION], len(labels), train["batch_size"], state["micro_batch"] / plan.batches_per_epoch)
+            record = validate(engine, cells[VALIDATION], len(labels), train["batch_size"], state["micro_batch"] / plan.batches_per_epoch,
+                              padding=padding)
             state["history"].append(record)
             state["validated_at"] = state["micro_batch"]
             tracker.log_metrics({key: record[key] for key in ("validation_loss", "validation_accuracy")}, record["step"])
@@ -222,7 +230,7 @@ def finetune(
                     "train": train, "validation_accuracy": kept["validation_accuracy"], "kept": kept,
                     "stop_reason": state["stop_reason"],
                     "mlflow_tracking_uri": resolve_tracking_uri(tracking_uri), "mlflow_run_id": tracker.run_id}
-        save_classifier(state["best_weights"], config, files, out_model, metadata)
+        family.save_classifier(state["best_weights"], model, files, out_model, metadata)
         tracker.log_metrics({"kept_epoch": kept["epoch"], "kept_step": kept["step"], "steps_trained": engine.global_steps})
         tracker.set_tags({"stop_reason": state["stop_reason"]})
         tracker.log_artifacts(out_model, "model")
@@ -239,7 +247,7 @@ def load_labelled_cells(split_path: str | Path, tokens_paths: list[str | Path]) 
 
 
 def train_to_epoch_end(engine, cells: LabelledCells, plan: TrainingPlan, seed: int, state: dict, tracker,
-                       checkpoints: str | Path, checkpoint_every: int, progress: Progress) -> None:
+                       checkpoints: str | Path, checkpoint_every: int, progress: Progress, *, padding: Padding) -> None:
     """Train from the position in ``state`` to the end of its epoch (or of the run).
 
     ``state`` is updated as training goes: the next micro-batch, losses of the open
@@ -252,8 +260,8 @@ def train_to_epoch_end(engine, cells: LabelledCells, plan: TrainingPlan, seed: i
         if state["micro_batch"] >= plan.total_micro_batches:
             return
         batch = batches[index]
-        ids, attention = pad_batch(cells.fetch(batch))
-        logits = engine(input_ids=ids.to(engine.device), attention_mask=attention.to(engine.device)).logits
+        inputs = pad_batch(cells.fetch(batch), padding)
+        logits = engine(**{name: tensor.to(engine.device) for name, tensor in inputs.items()}).logits
         targets = torch.from_numpy(cells.targets[batch].astype(np.int64)).to(engine.device)
         loss = torch.nn.functional.cross_entropy(logits.float(), targets)
         boundary = engine.is_gradient_accumulation_boundary()
@@ -274,13 +282,13 @@ def train_to_epoch_end(engine, cells: LabelledCells, plan: TrainingPlan, seed: i
             save_checkpoint(engine, checkpoints, state)
 
 
-def validate(engine, cells: LabelledCells, n_classes: int, batch_size: int, epoch: float) -> dict:
+def validate(engine, cells: LabelledCells, n_classes: int, batch_size: int, epoch: float, *, padding: Padding) -> dict:
     """Validation loss and accuracy of the model being trained, block by block (no random state is used)."""
     engine.eval()
     loss, correct = 0.0, 0
     for block in scoring_blocks(len(cells)):
         part = cells.take(block)
-        probabilities = predict_proba(engine, part.fetch, part.lengths, n_classes, batch_size, engine.device)
+        probabilities = predict_proba(engine, part.fetch, part.lengths, n_classes, batch_size, engine.device, padding=padding)
         chosen = probabilities[np.arange(len(part)), part.targets]
         loss -= float(np.log(np.clip(chosen, 1e-12, None)).sum(dtype=np.float64))
         correct += int((probabilities.argmax(axis=1) == part.targets).sum())
@@ -288,13 +296,18 @@ def validate(engine, cells: LabelledCells, n_classes: int, batch_size: int, epoc
             "validation_loss": loss / len(cells), "validation_accuracy": correct / len(cells)}
 
 
-def run_fingerprint(split_path, tokens_paths, files: ModelFiles, profile: dict, seed: int) -> str:
-    """What a checkpoint must have been trained on to be resumed: split, tokens, model, settings."""
+def run_fingerprint(split_path, tokens_paths, files, profile: dict, seed: int) -> str:
+    """What a checkpoint must have been trained on to be resumed: split, tokens, model, settings.
+
+    The model is known by its name and its staged files: the contents of the small ones
+    (configuration, vocabulary, arguments) and the sizes of the large ones (weights).
+    """
     facts = {
         "split": _file_sha256(split_path),
         "tokens": sorted((Path(path).stem, Path(path).stat().st_size) for path in tokens_paths),
         "model": files.model_name,
-        "model_config": hashlib.sha256((files.model_dir / "config.json").read_bytes()).hexdigest(),
+        "model_files": {name: _file_sha256(path) if path.stat().st_size <= FINGERPRINT_FILE_BYTES else path.stat().st_size
+                        for name, path in files.staged_paths().items()},
         "precision": profile["precision"],
         "train": profile["train"],
         "seed": seed,

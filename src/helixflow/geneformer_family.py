@@ -10,7 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helixflow.model_files import ModelFiles
+from helixflow.model_files import DICTIONARY_FILES, ModelFiles
+
+PAD_TOKEN = "<pad>"
+# What a saved classifier folder holds besides its weights and helixflow.json.
+classifier_files = ("config.json", *DICTIONARY_FILES)
+
 
 def model_files(prefix: Path, model_name: str) -> ModelFiles:
     """Where a Geneformer model is staged under ``prefix``."""
@@ -76,3 +81,35 @@ def describe(files: ModelFiles, *, batch_size: int) -> dict[str, str]:
                          f"vocabulary {config.vocab_size}, {n_parameters / 1e6:.1f}M parameters"),
         "embedding layer": f"{geneformer.layer_to_quant} ({geneformer.emb_mode} mode)",
     }
+
+
+def padding(files):
+    """What pads a batch (a :class:`~helixflow.token_batches.Padding`): the token dictionary's ``<pad>``.
+
+    ``files`` is the staged model or a fine-tuned one.
+    """
+    from helixflow.token_batches import Padding
+
+    token_dictionary = files.load_dictionaries()[0]
+    return Padding(token_dictionary[PAD_TOKEN])
+
+
+def build_classifier(files: ModelFiles, labels: list[str], *, frozen_layers: int, seed: int):
+    """Geneformer's own classifier (:func:`helixflow.classifier.build_classifier`)."""
+    from helixflow.classifier import build_classifier as build_bert_classifier
+
+    return build_bert_classifier(files, labels, frozen_layers, seed)
+
+
+def save_classifier(state_dict: dict, model, files: ModelFiles, out: Path, metadata: dict) -> Path:
+    """Write the trained ``model``'s gathered ``state_dict`` as a transformers model folder."""
+    from helixflow.classifier import save_classifier as save_bert_classifier
+
+    return save_bert_classifier(state_dict, model.config, files, out, metadata)
+
+
+def load_classifier(path: Path, device):
+    """A classifier folder written by :func:`save_classifier`, in eval mode on ``device``."""
+    from helixflow.classifier import load_classifier as load_bert_classifier
+
+    return load_bert_classifier(path, device)

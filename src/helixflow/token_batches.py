@@ -8,6 +8,7 @@ cell, and cells of similar length are batched together, so padding stays small.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,30 @@ import torch
 
 from helixflow.errors import HelixflowError
 from helixflow.label_split import iter_label_split
-from helixflow.tokenization import open_tokens, read_token_lengths
+from helixflow.tokenization import map_token_column, read_token_column_names, read_token_lengths
 
+VALUES_COLUMN = "binned_values"  # scGPT's tokens carry each gene's expression bin besides its id
 LENGTH_WINDOW_BATCHES = 50  # training cells are length-sorted within windows of this many batches
 SCORING_BLOCK_CELLS = 20_000  # cells scored at once: only their probabilities are held as floats
+
+
+@dataclass(frozen=True)
+class Padding:
+    """What fills a batch beyond a cell's tokens: a token id and, for a family whose tokens carry values, a value.
+
+    A family's adapter reads them from its staged files (``padding(files)``).
+    """
+
+    token: int
+    value: int | None = None
+
+
+@dataclass(frozen=True)
+class CellTokens:
+    """The tokens of some cells: ids and, for a family whose tokens carry values, the values (one array per cell)."""
+
+    ids: list[np.ndarray]
+    values: list[np.ndarray] | None = None
 
 
 class TokenStore:
@@ -29,20 +50,22 @@ class TokenStore:
     Parameters
     ----------
     paths
-        Arrow files written by the ``tokenize`` step; each file's stem names its chunk.
+        Arrow files written by the ``tokenize`` step; each file's stem names its chunk. Files
+        with a ``binned_values`` column (scGPT's) give values with the ids.
     """
 
     def __init__(self, paths: list[str | Path]) -> None:
         self.paths = {Path(path).stem: path for path in paths}
         self.lengths = {name: read_token_lengths(path) for name, path in self.paths.items()}
         self.chunk_names = list(self.paths)
-        self._input_ids = {}  # mapped on first use: a chunk's token ids enter memory only when read
+        self.has_values = any(VALUES_COLUMN in read_token_column_names(path) for path in paths)
+        self._columns = {}  # mapped on first use: a chunk's tokens enter memory only when read
 
-    def input_ids(self, name: str) -> pa.ChunkedArray:
-        """The token ids column of chunk ``name``."""
-        if name not in self._input_ids:
-            self._input_ids[name] = open_tokens(self.paths[name]).column("input_ids")
-        return self._input_ids[name]
+    def column(self, name: str, column: str) -> pa.ChunkedArray:
+        """Column ``column`` (``input_ids`` or ``binned_values``) of chunk ``name``."""
+        if (name, column) not in self._columns:
+            self._columns[name, column] = map_token_column(self.paths[name], column)
+        return self._columns[name, column]
 
     def chunk_codes(self, chunks) -> np.ndarray:
         """Position of each cell's chunk among ``chunk_names`` (int32; 4 bytes a cell, not a string)."""
@@ -62,21 +85,39 @@ class TokenStore:
             out[cells] = self.lengths[name][rows[cells]]
         return out
 
-    def cells(self, codes: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
-        """Token ids of the given cells, in the order asked for."""
-        return [self.input_ids(self.chunk_names[code])[int(row)].values.to_numpy(zero_copy_only=False)
-                for code, row in zip(codes, rows)]
+    def cells(self, codes: np.ndarray, rows: np.ndarray) -> CellTokens:
+        """Tokens of the given cells, in the order asked for (values too where the chunks have them)."""
+        names = [self.chunk_names[code] for code in codes]
+
+        def read(column: str) -> list[np.ndarray]:
+            return [self.column(name, column)[int(row)].values.to_numpy(zero_copy_only=False)
+                    for name, row in zip(names, rows)]
+
+        return CellTokens(read("input_ids"), read(VALUES_COLUMN) if self.has_values else None)
 
 
-def pad_batch(cells: list[np.ndarray], pad_token: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack token sequences into ``input_ids`` and ``attention_mask``, padded to the longest."""
-    lengths = torch.as_tensor([len(cell) for cell in cells], dtype=torch.long)
+def pad_batch(cells: CellTokens, padding: Padding) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments for a batch of cells, padded to the longest.
+
+    Returns
+    -------
+    dict
+        ``input_ids`` (int64) and ``attention_mask`` (int64, 1 on a cell's tokens), and
+        ``values`` (float32) when the cells carry values.
+    """
+    lengths = torch.as_tensor([len(cell) for cell in cells.ids], dtype=torch.long)
     width = int(lengths.max())
-    ids = torch.full((len(cells), width), pad_token, dtype=torch.long)
-    for i, cell in enumerate(cells):
+    ids = torch.full((len(cells.ids), width), padding.token, dtype=torch.long)
+    for i, cell in enumerate(cells.ids):
         ids[i, : len(cell)] = torch.from_numpy(cell.astype(np.int64))
     attention = torch.arange(width)[None, :] < lengths[:, None]
-    return ids, attention.long()
+    batch = {"input_ids": ids, "attention_mask": attention.long()}
+    if cells.values is not None:
+        values = torch.full((len(cells.values), width), float(padding.value), dtype=torch.float32)
+        for i, cell in enumerate(cells.values):
+            values[i, : len(cell)] = torch.from_numpy(cell.astype(np.float32))
+        batch["values"] = values
+    return batch
 
 
 class EpochBatches:
@@ -192,6 +233,6 @@ class LabelledCells:
         return LabelledCells(self.store, self.chunk_codes[positions], self.rows[positions], self.lengths[positions],
                              self.targets[positions], None if self.cell_index is None else self.cell_index[positions])
 
-    def fetch(self, positions: np.ndarray) -> list[np.ndarray]:
-        """Token ids of the cells at ``positions``."""
+    def fetch(self, positions: np.ndarray) -> CellTokens:
+        """Tokens of the cells at ``positions``."""
         return self.store.cells(self.chunk_codes[positions], self.rows[positions])

@@ -400,20 +400,33 @@ def open_tokens(path: str | Path) -> pa.Table:
         raise HelixflowError(path, f"not a readable tokenized chunk ({error})") from None
 
 
-def read_token_lengths(path: str | Path) -> np.ndarray:
-    """Tokens per cell of a tokenized chunk (int32), read without touching the token ids.
+def map_token_column(path: str | Path, column: str) -> pa.ChunkedArray:
+    """One column of a tokenized chunk, memory-mapped: its values are read from the file when used.
 
-    Arrow asks the kernel to read ahead every buffer it maps, so reading the whole table would
-    bring the chunk's token ids into this process's memory; only the ``length`` column is read.
+    Arrow asks the kernel to read ahead every buffer it maps, so mapping the whole table would
+    bring every column of the chunk into this process's memory; only ``column``'s buffers are mapped.
     """
     try:
-        with pa.memory_map(str(path), "r") as source:
-            column = pa.ipc.open_file(source).schema.get_field_index("length")
-            options = pa.ipc.IpcReadOptions(included_fields=[column])
-            lengths = pa.ipc.open_file(source, options=options).read_all().column("length")
-            return np.array(lengths.to_numpy(), dtype=np.int32)  # a copy: the map closes here
+        source = pa.memory_map(str(path), "r")
+        index = pa.ipc.open_file(source).schema.get_field_index(column)
+        options = pa.ipc.IpcReadOptions(included_fields=[index])
+        return pa.ipc.open_file(source, options=options).read_all().column(column)
     except (OSError, pa.ArrowInvalid, KeyError) as error:
         raise HelixflowError(path, f"not a readable tokenized chunk ({error})") from None
+
+
+def read_token_column_names(path: str | Path) -> list[str]:
+    """The columns of a tokenized chunk, read from the file's footer (no column's data)."""
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            return pa.ipc.open_file(source).schema.names
+    except (OSError, pa.ArrowInvalid) as error:
+        raise HelixflowError(path, f"not a readable tokenized chunk ({error})") from None
+
+
+def read_token_lengths(path: str | Path) -> np.ndarray:
+    """Tokens per cell of a tokenized chunk (int32), read without touching its tokens."""
+    return np.array(map_token_column(path, "length").to_numpy(), dtype=np.int32)  # a copy: the map is let go
 
 
 def tokenize_chunk(

@@ -6,14 +6,13 @@ from pathlib import Path
 
 from helixflow.h5ad import chunk_bounds, inspect_h5ad, obs_has_column
 from helixflow.metrics import push_workflow
-from helixflow.families import FAMILIES, load_family
+from helixflow.families import load_family
 from helixflow.profiles import load_profile, step_resources, uses_gpu
 from helixflow.provenance import step_fingerprint
 from helixflow.steps import STEPS
 
 OUTDIR = config["outdir"].rstrip("/")
 PROFILE = load_profile(config["model"], config["profiles_dir"])
-FAMILY = FAMILIES[PROFILE["family"]]
 MODEL_FILES = load_family(PROFILE["model_name"]).model_files(
     f"{config['models_dir']}/{PROFILE['name']}", PROFILE["model_name"]
 )
@@ -33,30 +32,17 @@ CHUNKS = list(CHUNK_BOUNDS)
 LABELLED = bool(config["label_column"]) and obs_has_column(
     config["input"], config["label_column"]
 )
-FINETUNE = bool(
-    config["finetune"]["enabled"] and LABELLED and not FAMILY.no_finetuning_reason
-)
+FINETUNE = bool(config["finetune"]["enabled"] and LABELLED)
 if config["finetune"]["enabled"] and config["label_column"] and not LABELLED:
     print(
         f"helixflow: obs of {config['input']} has no column '{config['label_column']}': "
         "fine-tuning skipped (set label_column to fine-tune on another column)",
         file=sys.stderr,
     )
-if config["finetune"]["enabled"] and LABELLED and FAMILY.no_finetuning_reason:
-    print(
-        f"helixflow: fine-tuning skipped for profile {PROFILE['name']} ({FAMILY.name}): "
-        f"{FAMILY.no_finetuning_reason}; embeddings and report only",
-        file=sys.stderr,
-    )
 ANNOTATE_INPUT = config["annotate"]["input"]
 if ANNOTATE_INPUT and not FINETUNE:
     raise ValueError(
         "annotate.input needs a fine-tuned model: set finetune.enabled and label_column"
-        + (
-            f" ({FAMILY.name}: {FAMILY.no_finetuning_reason})"
-            if FAMILY.no_finetuning_reason
-            else ""
-        )
     )
 # What fine-tuning adds to the run's targets (the report's trace waits for them too).
 FINETUNE_TARGETS = ([f"{OUTDIR}/evaluate/metrics.json"] if FINETUNE else []) + (

@@ -87,15 +87,28 @@ def embed_tokens(model: torch.nn.Module, input_ids, binned_values, lengths: np.n
         for first in tqdm(range(0, len(order), batch_size), desc="embed", unit="batch", disable=not progress, mininterval=5):
             rows = order[first : first + batch_size]
             ids, values = _padded_batch(input_ids, binned_values, lengths, rows, pad_token=pad_token, pad_value=pad_value)
-            padding = ids.eq(pad_token)
-            hidden = model._encode(ids.to(device), values.to(device), src_key_padding_mask=padding.to(device)).float()
-            if mode == "cls":
-                cells = hidden[:, 0, :]
-            else:
-                genes = (~padding[:, 1:]).to(device)
-                cells = (hidden[:, 1:, :] * genes[..., None]).sum(dim=1) / genes.sum(dim=1, keepdim=True)
-            out[rows] = torch.nn.functional.normalize(cells, dim=1).cpu().numpy()
+            padding = ids.eq(pad_token).to(device)
+            hidden = model._encode(ids.to(device), values.to(device), src_key_padding_mask=padding).float()
+            out[rows] = torch.nn.functional.normalize(pool_cells(hidden, padding, mode=mode), dim=1).cpu().numpy()
     return out
+
+
+def pool_cells(hidden: torch.Tensor, padding: torch.Tensor, *, mode: str) -> torch.Tensor:
+    """One vector per cell from the encoder's output: the mean over the cell's own genes, or ``<cls>``.
+
+    Parameters
+    ----------
+    hidden
+        ``(cells, tokens, embsize)`` encoder output, ``<cls>`` first.
+    padding
+        ``(cells, tokens)`` bool, true on padding.
+    mode
+        ``"cell"`` (mean over genes, padding and ``<cls>`` left out) or ``"cls"``.
+    """
+    if mode == "cls":
+        return hidden[:, 0, :]
+    genes = ~padding[:, 1:]
+    return (hidden[:, 1:, :] * genes[..., None]).sum(dim=1) / genes.sum(dim=1, keepdim=True)
 
 
 def _padded_batch(input_ids, binned_values, lengths: np.ndarray, rows: np.ndarray, *, pad_token: int,

@@ -2,7 +2,8 @@
 
 Genes are read by symbol (a ``var`` column, detected or given), each cell's counts binned
 among themselves (:mod:`helixflow.scgpt.tokenization`), and cells embedded as the normalised
-mean of the encoder's output over their own genes (:mod:`helixflow.scgpt.embedding`).
+mean of the encoder's output over their own genes (:mod:`helixflow.scgpt.embedding`); the
+classifier is a linear head on that mean (:mod:`helixflow.scgpt.classifier`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from helixflow.errors import HelixflowError
-from helixflow.scgpt.files import ScGPTFiles
+from helixflow.scgpt.files import (ARGS_FILE, CLASSIFIER_CONFIG_FILE, CLASSIFIER_WEIGHTS_FILE, VOCABULARY_FILE,
+                                   ScGPTFiles)
 
+# What a saved classifier folder holds besides helixflow.json.
+classifier_files = (CLASSIFIER_WEIGHTS_FILE, CLASSIFIER_CONFIG_FILE, VOCABULARY_FILE, ARGS_FILE)
 SYMBOL_MAP_UNUSED = "gene_symbol_map maps symbols to Ensembl ids for Geneformer; scGPT reads gene symbols themselves"
 
 
@@ -85,3 +89,35 @@ def describe(files: ScGPTFiles, *, batch_size: int) -> dict[str, str]:
                          f"vocabulary {len(scgpt.vocab)}, {n_parameters / 1e6:.1f}M parameters"),
         "embedding": f"{scgpt.config['emb_mode']} mode",
     }
+
+
+def padding(files):
+    """What pads a batch (a :class:`~helixflow.token_batches.Padding`): ``<pad>`` and args.json's ``pad_value``.
+
+    ``files`` is the staged model or a fine-tuned one.
+    """
+    from helixflow.scgpt.files import PAD_TOKEN
+    from helixflow.token_batches import Padding
+
+    return Padding(files.load_vocabulary()[PAD_TOKEN], files.load_architecture()["pad_value"])
+
+
+def build_classifier(files: ScGPTFiles, labels: list[str], *, frozen_layers: int, seed: int):
+    """The encoder and a linear head (:func:`helixflow.scgpt.classifier.build_classifier`)."""
+    from helixflow.scgpt.classifier import build_classifier as build_scgpt_classifier
+
+    return build_scgpt_classifier(files, labels, frozen_layers=frozen_layers, seed=seed)
+
+
+def save_classifier(state_dict: dict, model, files: ScGPTFiles, out: Path, metadata: dict) -> Path:
+    """Write the trained ``model``'s gathered ``state_dict`` with the vocabulary and architecture."""
+    from helixflow.scgpt.classifier import save_classifier as save_scgpt_classifier
+
+    return save_scgpt_classifier(state_dict, model, files, out, metadata)
+
+
+def load_classifier(path: Path, device):
+    """A classifier folder written by :func:`save_classifier`, in eval mode on ``device``."""
+    from helixflow.scgpt.classifier import load_classifier as load_scgpt_classifier
+
+    return load_scgpt_classifier(path, device)

@@ -29,6 +29,9 @@ MODEL_FOLDER = "scGPT_CP"  # helical 2.2.0's only scGPT checkpoint
 VOCABULARY_FILE = "vocab.json"
 WEIGHTS_FILE = f"{SCGPT_MODEL_NAME}.pt"
 ARGS_FILE = "args.json"
+# A fine-tuned classifier's own files (helixflow.scgpt.classifier), beside vocab.json and args.json.
+CLASSIFIER_CONFIG_FILE = "classifier.json"
+CLASSIFIER_WEIGHTS_FILE = "model.safetensors"
 # scGPT's vocabularies end with these, after the genes (<eoc>: end of cell, unused for embedding).
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 PAD_TOKEN = "<pad>"
@@ -108,14 +111,19 @@ class ScGPTFiles:
 
     def load_architecture(self) -> dict:
         """Return the architecture and input settings: ``args.json`` over helical's defaults."""
-        settings = {**ARCHITECTURES["real"], **INPUT_SETTINGS}
-        if self.args.is_file():
-            try:
-                staged = json.loads(self.args.read_text())
-            except (OSError, json.JSONDecodeError) as error:
-                raise HelixflowError(self.args, f"not a readable args.json ({error})") from None
-            settings.update({key: staged[key] for key in settings if key in staged})
-        return settings
+        return read_architecture(self.args)
+
+
+def read_architecture(path: Path) -> dict:
+    """The architecture and input settings of an ``args.json`` (helical's defaults where it has none, or is absent)."""
+    settings = {**ARCHITECTURES["real"], **INPUT_SETTINGS}
+    if Path(path).is_file():
+        try:
+            staged = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise HelixflowError(path, f"not a readable args.json ({error})") from None
+        settings.update({key: staged[key] for key in settings if key in staged})
+    return settings
 
 
 def read_vocabulary(path: Path) -> dict[str, int]:

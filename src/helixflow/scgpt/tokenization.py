@@ -205,8 +205,12 @@ class ScGPTTokenizer:
         tokens = self.mapping.token_of_column
         return len(np.unique(tokens[tokens >= 0]))
 
-    def encode(self, counts: sp.csr_matrix) -> pa.RecordBatch:
-        """Return one Arrow record batch (``input_ids``, ``binned_values``, ``length``) for a block of cells."""
+    def encode(self, counts: sp.csr_matrix, n_counts: np.ndarray | None = None) -> pa.RecordBatch:
+        """Return one Arrow record batch (``input_ids``, ``binned_values``, ``length``) for a block of cells.
+
+        ``n_counts`` (cells' totals) is taken as Geneformer's tokenizer takes it and not read:
+        bins rank a cell's counts among themselves, so a cell's total changes none.
+        """
         kept = vocabulary_counts(counts, self.mapping.token_of_column)
         n_genes = np.diff(kept.indptr)
         lengths = np.minimum(n_genes + 1, self.max_length)
