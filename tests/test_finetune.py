@@ -22,6 +22,7 @@ import yaml
 from safetensors.torch import load_file
 
 from helixflow import cli, deepspeed_engine
+from helixflow.cli.front_door import finetune_summary_lines
 from helixflow.classifier import FineTunedModel, build_classifier, predict_proba, save_classifier
 from helixflow.demo_data import make_demo_dataset
 from helixflow.embedding import embed_chunk, gather_embeddings
@@ -330,7 +331,7 @@ def test_probe_comparison_names_each_score_the_probe_wins_on(fine_tuned, probe, 
     metrics = {"fine_tuned": fine_tuned, "linear_probe": probe, "probe_comparison": comparison}
     write_baseline_check(metrics, tmp_path / "check.html")
     page = (tmp_path / "check.html").read_text()
-    lines = cli.finetune_summary_lines(metrics, Path("model"), Path("report.html"))
+    lines = finetune_summary_lines(metrics, Path("model"), Path("report.html"))
     if message:
         assert message in page and lines[-1] == f"{message} (see report.html)"
     else:
