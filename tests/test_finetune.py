@@ -236,7 +236,7 @@ def test_killed_run_resumes_to_the_same_weights(labelled, models_dir, tmp_path):
     killed.wait()
     assert not (tmp_path / "resumed" / "model").exists()
     resumed = subprocess.run(command(tmp_path / "resumed"), check=True, capture_output=True, text=True, env=env)
-    assert "resumed at optimizer step 15" in resumed.stdout
+    assert "helixflow: resumed at optimizer step 15" in resumed.stderr
 
     whole, again = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("whole", "resumed"))
     assert whole.keys() == again.keys()

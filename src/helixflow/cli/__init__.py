@@ -9,12 +9,12 @@ workflow's rules call); :mod:`helixflow.cli.shared` holds what more than one of 
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 
 from helixflow.cli import front_door, model_commands, step_commands
 from helixflow.errors import HelixflowError
+from helixflow.log_output import show_all_logs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +41,7 @@ def _run_measured_step(args) -> int:
     """A workflow step: its handler returns the cells it processed; helixflow.metrics reports the rest."""
     from helixflow.metrics import step_metrics
 
-    logging.basicConfig(level=logging.INFO, format="helixflow: %(message)s", stream=sys.stderr)  # the step's log
+    show_all_logs()  # the step's log
     # SIGTERM (a stopped run) ends the step like an error: atomic outputs remove their partial files.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with step_metrics(args.metrics_step, getattr(args, "chunk_name", None) or "all") as record:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import shlex
 import signal
@@ -18,10 +17,11 @@ from pathlib import Path
 
 from helixflow.cli.shared import add_gene_args, add_inference_args, staged_files, symbol_map
 from helixflow.errors import HelixflowError
+from helixflow.log_output import show_logs_of
 from helixflow.object_storage import DEFAULT_CACHE_DIR, DEFAULT_CACHE_MAX_GB, is_s3_url, path_or_s3_url
 from helixflow.profiles import PROJECT_DIR
 from helixflow.run_lock import LOCK_ENV, RunLock, clear_stale_snakemake_locks
-from helixflow.step_logs import report_failed_step
+from helixflow.step_logs import failed_step_error
 from helixflow.steps import FINAL_STAGE, stages, until_rules
 
 SNAKEFILE = PROJECT_DIR / "workflow" / "Snakefile"
@@ -176,11 +176,7 @@ def _run_on_object_storage(args) -> int:
     from helixflow.object_storage import parse_s3_url, stage_input, upload_results
     from helixflow.run_lock import LOCK_NAME
 
-    storage_log = logging.getLogger("helixflow.object_storage")  # cache hits, downloads, verification
-    storage_log.setLevel(logging.INFO)
-    if not storage_log.handlers:
-        storage_log.addHandler(logging.StreamHandler())
-        storage_log.handlers[0].setFormatter(logging.Formatter("helixflow: %(message)s"))
+    show_logs_of("helixflow.object_storage")  # cache hits, downloads, verification
     results_url = str(args.out) if is_s3_url(args.out) else None
     if results_url:
         address = parse_s3_url(results_url)
@@ -210,7 +206,9 @@ def _run_snakemake(command: list[str], config: list[str], args, environment_path
     if returncode != 0:
         print(f"helixflow: error: the workflow failed (snakemake exit {returncode}); "
               f"see the log named above, or rerun the same command to resume", file=sys.stderr)
-        report_failed_step(args.out, since=time.time() - (time.monotonic() - started))
+        step_error = failed_step_error(args.out, since=time.time() - (time.monotonic() - started))
+        if step_error:
+            print(step_error, file=sys.stderr)
         return returncode
     if args.dry_run:
         return 0
