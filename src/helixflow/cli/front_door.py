@@ -19,14 +19,19 @@ from helixflow.cli.shared import add_gene_args, add_inference_args, staged_files
 from helixflow.errors import HelixflowError
 from helixflow.log_output import show_logs_of
 from helixflow.object_storage import DEFAULT_CACHE_DIR, DEFAULT_CACHE_MAX_GB, is_s3_url, path_or_s3_url
-from helixflow.profiles import PROJECT_DIR
 from helixflow.run_lock import LOCK_ENV, RunLock, clear_stale_snakemake_locks
 from helixflow.step_logs import failed_step_error
 from helixflow.steps import FINAL_STAGE, stages, until_rules
 
-SNAKEFILE = PROJECT_DIR / "workflow" / "Snakefile"
-DEFAULT_CONFIG = PROJECT_DIR / "config" / "config.yaml"
-WORKFLOW_PROFILES = sorted(p.name for p in (PROJECT_DIR / "workflow" / "profiles").iterdir() if p.is_dir())
+# The Snakemake workflow is not package data: it stays in the checkout next to src/ (workflow/,
+# config/config.yaml), where snakemake runs it directly too. `helixflow run` needs that checkout
+# (an editable install, as the images have); every other command works from a wheel.
+CHECKOUT_DIR = Path(__file__).resolve().parents[3]
+SNAKEFILE = CHECKOUT_DIR / "workflow" / "Snakefile"
+DEFAULT_CONFIG = CHECKOUT_DIR / "config" / "config.yaml"
+WORKFLOW_PROFILES_DIR = CHECKOUT_DIR / "workflow" / "profiles"
+WORKFLOW_PROFILES = (sorted(p.name for p in WORKFLOW_PROFILES_DIR.iterdir() if p.is_dir())
+                     if WORKFLOW_PROFILES_DIR.is_dir() else [])  # none without the checkout: `run` says so
 # SIGTERM/SIGINT of `helixflow run`: how long snakemake gets to end its jobs before all are killed.
 STOP_TIMEOUT_S = 30.0
 STOP_SIGNALS = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGINT: "SIGINT"}
@@ -113,6 +118,7 @@ def cmd_run(args) -> int:
     from helixflow.local_resources import jobs_memory_mb
     from helixflow.profiles import load_profile
 
+    _require_workflow()
     if is_s3_url(args.input) or is_s3_url(args.out):
         return _run_on_object_storage(args)
     # Check what snakemake would otherwise report inside a traceback.
@@ -136,7 +142,7 @@ def cmd_run(args) -> int:
     # This interpreter's snakemake, and its bin folder first on PATH for the jobs' `helixflow`
     # commands: works from an unactivated virtual environment too.
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", os.getcwd(), "--configfile", str(args.configfile),
-               "--workflow-profile", str(PROJECT_DIR / "workflow" / "profiles" / args.workflow_profile),
+               "--workflow-profile", str(WORKFLOW_PROFILES_DIR / args.workflow_profile),
                "--cores", str(args.cores), "--rerun-incomplete", "--show-failed-logs", "--config", *config]
     # Local jobs run side by side only as far as the memory allows (each asks its profile's mem_mb);
     # on a cluster each job gets its own memory from the scheduler instead.
@@ -169,6 +175,13 @@ def cmd_run(args) -> int:
     finally:
         if args.no_finetune:
             os.unlink(override.name)
+
+
+def _require_workflow() -> None:
+    """Refuse ``helixflow run`` where the workflow is missing: a wheel holds the package, not workflow/."""
+    if not SNAKEFILE.is_file():
+        raise HelixflowError(SNAKEFILE, "no workflow: 'helixflow run' needs the Snakemake workflow of a helixflow checkout "
+                                        "(workflow/, config/config.yaml); install the checkout with 'pip install -e'")
 
 
 def _run_on_object_storage(args) -> int:
