@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_CELLS ?= 3000
-# A model profile of config/profiles, e.g. scgpt-tiny; each but the default has its own results folder.
+# A model profile of src/helixflow/data/profiles, e.g. scgpt-tiny; each but the default has its own results folder.
 DEMO_MODEL ?= tiny
 DEMO_OUT ?= results/demo$(if $(filter tiny,$(DEMO_MODEL)),,-$(DEMO_MODEL))
 # Shallow cells (500 UMIs, ~200 genes each): the demo fine-tunes in about a minute on 2 cores,

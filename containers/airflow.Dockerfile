@@ -66,7 +66,7 @@ RUN set -eu; \
 # helixflow itself, without its dependencies: the DAG reads the step table and loads profiles with
 # the workflow's own code (jsonschema and PyYAML come with Airflow). A plain install of the package
 # (not a copy on PYTHONPATH): helixflow/__init__ reads its version from the installed metadata, and
-# the profile schema is package data. Its own layer, after Airflow's, so code changes rebuild little.
+# the profile schema and profiles are package data. Its own layer, after Airflow's, so code changes rebuild little.
 COPY pyproject.toml README.md /opt/helixflow/
 COPY src /opt/helixflow/src
 RUN set -eu; \
@@ -77,7 +77,7 @@ RUN set -eu; \
 
 COPY airflow/dags /opt/airflow/dags
 COPY airflow/plugins /opt/airflow/plugins
-COPY config/profiles /opt/airflow/profiles
+COPY src/helixflow/data/profiles /opt/airflow/profiles
 RUN useradd --uid "${AIRFLOW_UID}" --gid 0 --home-dir /opt/airflow --shell /bin/bash airflow \
     && mkdir -p /opt/airflow/logs /opt/airflow/auth \
     && chown -R "${AIRFLOW_UID}:0" /opt/airflow \

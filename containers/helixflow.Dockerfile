@@ -111,7 +111,8 @@ RUN set -eu; \
 
 COPY --from=builder /opt/venv /opt/venv
 
-# The project: editable, because it finds workflow/ and config/ next to src/.
+# The project: editable, because `helixflow run` finds the workflow (workflow/, config/config.yaml)
+# next to src/; the package's own data (profiles, schema, architectures) would come with a wheel too.
 COPY . /opt/helixflow
 RUN set -eu; \
     . /opt/helixflow/containers/pip-sources.sh; \

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helixflow.profiles import DEFAULT_PROFILES_DIR
 from prometheus_stack import PROJECT_DIR, free_port
 
 COMPOSE = Path(os.environ.get("HELIXFLOW_COMPOSE",
@@ -179,7 +180,7 @@ def checkpointing_profiles(target: Path) -> Path:
     A user's own profiles folder (HELIXFLOW_HOST_PROFILES_DIR), so that a fine-tune stopped midway
     has a checkpoint to resume from.
     """
-    shutil.copytree(PROJECT_DIR / "config" / "profiles", target)
+    shutil.copytree(DEFAULT_PROFILES_DIR, target)
     tiny = target / "tiny.yaml"
     profile = yaml.safe_load(tiny.read_text())
     profile["train"]["checkpoint_every"] = 10

@@ -8,10 +8,9 @@ import sys
 
 import yaml
 
-from conftest import PROJECT_DIR
 from helixflow.cli import main
 from helixflow.demo_data import make_demo_dataset
-from helixflow.profiles import load_profile, step_resources
+from helixflow.profiles import DEFAULT_PROFILES_DIR, load_profile, step_resources
 
 
 def test_every_command_has_help():
@@ -85,7 +84,7 @@ def test_run_says_when_the_linear_probe_beats_fine_tuning(models_dir, tmp_path):
     """A profile that all but skips training (learning rate 1e-9): the frozen model's probe wins, and the run's
     last lines, metrics.json and the report say so plainly."""
     dataset = make_demo_dataset(tmp_path / "cells.h5ad", 240, mean_counts=500, seed=4)
-    profile = yaml.safe_load((PROJECT_DIR / "config" / "profiles" / "tiny.yaml").read_text())
+    profile = yaml.safe_load((DEFAULT_PROFILES_DIR / "tiny.yaml").read_text())
     profile["train"].update(learning_rate=1e-9, epochs=1)
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles" / "tiny.yaml").write_text(yaml.safe_dump(profile))

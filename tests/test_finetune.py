@@ -22,6 +22,7 @@ import yaml
 from safetensors.torch import load_file
 
 from helixflow import cli, deepspeed_engine
+from helixflow.cli.front_door import finetune_summary_lines
 from helixflow.classifier import FineTunedModel, build_classifier, predict_proba, save_classifier
 from helixflow.demo_data import make_demo_dataset
 from helixflow.embedding import embed_chunk, gather_embeddings
@@ -263,7 +264,7 @@ def test_killed_run_resumes_to_the_same_weights(labelled, models_dir, tmp_path):
     killed.wait()
     assert not (tmp_path / "resumed" / "model").exists()
     resumed = subprocess.run(command(tmp_path / "resumed"), check=True, capture_output=True, text=True, env=env)
-    assert "resumed at optimizer step 15" in resumed.stdout
+    assert "helixflow: resumed at optimizer step 15" in resumed.stderr
 
     whole, again = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("whole", "resumed"))
     assert whole.keys() == again.keys()
@@ -358,7 +359,7 @@ def test_probe_comparison_names_each_score_the_probe_wins_on(fine_tuned, probe, 
     metrics = {"fine_tuned": fine_tuned, "linear_probe": probe, "probe_comparison": comparison}
     write_baseline_check(metrics, tmp_path / "check.html")
     page = (tmp_path / "check.html").read_text()
-    lines = cli.finetune_summary_lines(metrics, Path("model"), Path("report.html"))
+    lines = finetune_summary_lines(metrics, Path("model"), Path("report.html"))
     if message:
         assert message in page and lines[-1] == f"{message} (see report.html)"
     else:

@@ -13,7 +13,6 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import PROJECT_DIR
 from helixflow.cli import main
 from helixflow.errors import HelixflowError
 from helixflow.geneformer_models import GENEFORMER_MODELS
@@ -25,6 +24,7 @@ from helixflow.model_files import (
     stage_download,
     stage_from_path,
 )
+from helixflow.profiles import DEFAULT_PROFILES_DIR
 from helixflow.safe_pickle import load_plain_dict
 
 
@@ -228,7 +228,7 @@ def test_cli_stage_checks_files_already_in_place(tiny_v1, tmp_path, capsys):
     marker = tmp_path / "code-ran"
     profiles = tmp_path / "profiles"
     profiles.mkdir()
-    profile = (PROJECT_DIR / "config" / "profiles" / "tiny.yaml").read_text()
+    profile = (DEFAULT_PROFILES_DIR / "tiny.yaml").read_text()
     (profiles / "copied.yaml").write_text(profile.replace("name: tiny", "name: copied").replace("source: tiny", "source: staged"))
     staged = ModelFiles(tmp_path / "models" / "copied", tiny_v1.model_name)
     shutil.copytree(tiny_v1.prefix, staged.prefix)

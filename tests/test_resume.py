@@ -26,9 +26,10 @@ import psutil
 import pytest
 import yaml
 
-from conftest import PROJECT_DIR, sha256
+from conftest import sha256
 from helixflow.demo_data import make_demo_dataset
 from helixflow.model_files import ModelFiles, stage_synthetic
+from helixflow.profiles import DEFAULT_PROFILES_DIR
 from helixflow.provenance import flat_checksums
 from helixflow.run_lock import LOCK_NAME
 from helixflow.tokenization import open_tokens
@@ -50,7 +51,7 @@ def setup(tmp_path_factory):
     stage_synthetic(ModelFiles(root / "models" / "tiny", "gf-6L-10M-i2048"))
     profiles = root / "profiles"
     profiles.mkdir()
-    tiny = yaml.safe_load((PROJECT_DIR / "config" / "profiles" / "tiny.yaml").read_text())
+    tiny = yaml.safe_load((DEFAULT_PROFILES_DIR / "tiny.yaml").read_text())
     tiny["train"].update(epochs=1, checkpoint_every=4)  # 15 steps, a checkpoint every 4
     (profiles / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     (root / "work").mkdir()

@@ -34,7 +34,7 @@ from conftest import PROJECT_DIR, pushed_groups, require_service
 from helixflow.demo_data import make_demo_dataset
 from helixflow.embedding import embed_tokens, load_encoder
 from helixflow.model_files import ModelFiles
-from helixflow.profiles import load_profile, step_resources
+from helixflow.profiles import DEFAULT_PROFILES_DIR, load_profile, step_resources
 from helixflow.tokenization import open_tokens, tokenize_chunk
 
 CELLS, CHUNK_SIZE = 600, 200
@@ -70,7 +70,7 @@ def work(tmp_path_factory):
     """Input data, the test model profile and the run's folders, away from .test/results."""
     root = tmp_path_factory.mktemp("slurm-run")
     make_demo_dataset(root / "test.h5ad", CELLS, seed=3)
-    profile = yaml.safe_load((PROJECT_DIR / "config" / "profiles" / "tiny.yaml").read_text())
+    profile = yaml.safe_load((DEFAULT_PROFILES_DIR / "tiny.yaml").read_text())
     profile.update(
         threads=1,
         gpu={"count": 1, "model": "testgpu"},

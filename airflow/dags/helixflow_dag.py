@@ -23,7 +23,7 @@ Settings (environment of the Airflow services; see docs/airflow.md):
   HELIXFLOW_RESULTS_DIR      host folder for results; a stage mounts only its run's folder, read-write,
                              at /results/<run name>
   HELIXFLOW_IMAGE / HELIXFLOW_GPU_IMAGE   images for CPU stages / GPU stages of GPU profiles
-  HELIXFLOW_PROFILES_DIR     model profiles (default: the repository's config/profiles)
+  HELIXFLOW_PROFILES_DIR     model profiles (default: helixflow's built-in ones, src/helixflow/data/profiles)
   HELIXFLOW_SCHEDULE         cron or preset for helixflow (default: none, manual/inbox only)
   HELIXFLOW_INBOX_SCHEDULE   how often helixflow_inbox looks for new files (default */5 * * * *)
   HELIXFLOW_INBOX_DIR        the watched folder, inside the data folder (default: the data folder)
@@ -62,7 +62,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 # the profiles, as the workflow itself reads them.
 from helixflow.local_resources import SNAKEMAKE_RESERVE_MB
 from helixflow.object_storage import is_s3_url, parse_s3_url
-from helixflow.profiles import list_profiles, load_profile, step_resources
+from helixflow.profiles import DEFAULT_PROFILES_DIR, list_profiles, load_profile, step_resources
 from helixflow.run_lock import LOCK_NAME
 from helixflow.steps import stage_steps, stages
 
@@ -75,7 +75,7 @@ GPU_STAGES = {stage for stage in STAGES if any(step.gpu for step in stage_steps(
 WORKFLOW_PROFILES = ["default", "slurm", "slurm-gpu", "slurm-apptainer"]
 
 EXECUTION = os.environ.get("HELIXFLOW_EXECUTION", "docker")
-PROFILES_DIR = Path(os.environ.get("HELIXFLOW_PROFILES_DIR", Path(__file__).resolve().parents[2] / "config" / "profiles"))
+PROFILES_DIR = Path(os.environ.get("HELIXFLOW_PROFILES_DIR", DEFAULT_PROFILES_DIR))
 DATA_DIR = os.environ.get("HELIXFLOW_DATA_DIR", "/srv/helixflow/data")
 RESULTS_DIR = os.environ.get("HELIXFLOW_RESULTS_DIR", "/srv/helixflow/results")
 IMAGE = os.environ.get("HELIXFLOW_IMAGE", "localhost/helixflow:0.1.0")
@@ -235,7 +235,7 @@ PARAMS = {
                    title="Input dataset", description="an .h5ad file, relative to the data folder, or s3://BUCKET/KEY.h5ad"
                                                       " (results then also go to HELIXFLOW_S3_RESULTS/<run name>/)"),
     "model": Param(os.environ.get("HELIXFLOW_DEFAULT_MODEL", "tiny"), type="string", enum=profile_names(),
-                   title="Model profile", description="config/profiles/<name>.yaml"),
+                   title="Model profile", description="src/helixflow/data/profiles/<name>.yaml"),
     "stages": Param(STAGES, type="array", items={"type": "string", "enum": STAGES}, examples=STAGES,
                     title="Stages", description="stages to run; a stage also does any missing earlier work"),
     "run_name": Param(None, type=["null", "string"], title="Run name",

@@ -193,7 +193,7 @@ def finetune(
              "best": None, "best_weights": None, "validations_without_improvement": 0, "stop_reason": None}
     if resuming:
         state = load_checkpoint(engine, checkpoints)
-        print(f"helixflow: resumed at optimizer step {engine.global_steps} from {checkpoints}", flush=True)
+        LOGGER.info("resumed at optimizer step %d from %s", engine.global_steps, checkpoints)
     progress = Progress(plan.total_steps, engine.global_steps)
     run_name = f"{profile['name']}-{Path(out_model).resolve().parent.parent.name}"
     with tracked_run(tracking_uri, experiment, run_name, state["mlflow_run_id"]) as tracker:
@@ -213,8 +213,8 @@ def finetune(
             state["history"].append(record)
             state["validated_at"] = state["micro_batch"]
             tracker.log_metrics({key: record[key] for key in ("validation_loss", "validation_accuracy")}, record["step"])
-            print(f"helixflow: epoch {record['epoch']:.2f}: validation loss {record['validation_loss']:.4f}, "
-                  f"accuracy {record['validation_accuracy']:.4f}", flush=True)
+            LOGGER.info("epoch %.2f: validation loss %.4f, accuracy %.4f", record["epoch"], record["validation_loss"],
+                        record["validation_accuracy"])
             stopping.update(engine, record, state)
             if state["stop_reason"] is None and state["micro_batch"] >= plan.total_micro_batches:
                 state["stop_reason"] = f"all {train['epochs']} epochs done"
@@ -327,7 +327,7 @@ def prepare_checkpoints(checkpoints: str | Path, fingerprint: str) -> bool:
     if run_file.is_file() and (checkpoints / "latest").is_file():
         if json.loads(run_file.read_text()).get("fingerprint") == fingerprint:
             return True
-        print(f"helixflow: discarding checkpoints of a run with other inputs or settings in {checkpoints}", flush=True)
+        LOGGER.info("discarding checkpoints of a run with other inputs or settings in %s", checkpoints)
     shutil.rmtree(checkpoints, ignore_errors=True)
     checkpoints.mkdir(parents=True)
     run_file.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
@@ -344,7 +344,7 @@ def save_checkpoint(engine, checkpoints: str | Path, state: dict) -> None:
     for older in checkpoints.glob("step-*"):
         if older.name != tag:
             shutil.rmtree(older, ignore_errors=True)
-    print(f"helixflow: checkpoint {tag}", flush=True)
+    LOGGER.info("checkpoint %s", tag)
 
 
 def load_checkpoint(engine, checkpoints: str | Path) -> dict:
@@ -361,7 +361,7 @@ def load_checkpoint(engine, checkpoints: str | Path) -> dict:
 
 
 class Progress:
-    """Prints a progress line about twenty times per run, with the time per step of this session."""
+    """Logs a progress line about twenty times per run, with the time per step of this session."""
 
     def __init__(self, total_steps: int, first_step: int) -> None:
         self.total_steps = total_steps
@@ -376,8 +376,8 @@ class Progress:
         step = record["step"]
         if step == 1 or step == self.total_steps or step % max(1, self.total_steps // 20) == 0:
             per_step = self.elapsed / max(1, step - self.first_step)
-            print(f"helixflow: step {step}/{self.total_steps} epoch {record['epoch']:.2f} loss {record['train_loss']:.4f} "
-                  f"lr {record['learning_rate']:.2e} ({per_step:.2f} s/step)", flush=True)
+            LOGGER.info("step %d/%d epoch %.2f loss %.4f lr %.2e (%.2f s/step)", step, self.total_steps, record["epoch"],
+                        record["train_loss"], record["learning_rate"], per_step)
 
 
 def mark_kept_validation(history: list[dict], kept: dict) -> None:

@@ -17,6 +17,7 @@ step: an unreachable Pushgateway is a warning on stderr.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import sys
@@ -29,6 +30,7 @@ from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
 
 from helixflow.outputs import atomic_path
 
+LOGGER = logging.getLogger(__name__)
 STEP_JOB = "helixflow"
 WORKFLOW_JOB = "helixflow_workflow"
 PUSH_TIMEOUT_S = 5.0
@@ -156,7 +158,7 @@ def _push(gateway: str, job: str, registry: CollectorRegistry, grouping: dict[st
     try:
         push_to_gateway(gateway, job=job, registry=registry, grouping_key=grouping, timeout=PUSH_TIMEOUT_S)
     except OSError as error:  # includes URLError and timeouts
-        print(f"helixflow: warning: metrics not pushed to {gateway}: {error}", file=sys.stderr)
+        LOGGER.warning("warning: metrics not pushed to %s: %s", gateway, error)
 
 
 def write_record(record: StepRecord, path: Path) -> None:

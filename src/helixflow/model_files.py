@@ -19,6 +19,7 @@ import tempfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,8 @@ from helixflow.outputs import atomic_path
 from helixflow.safe_pickle import load_plain_dict
 
 HELICAL_BUCKET_URL = "https://helicalpackage.s3.eu-west-2.amazonaws.com"
-ARCHITECTURES_DIR = Path(__file__).resolve().parents[2] / "config" / "architectures"
+# Package data: the config.json of Geneformer architectures that random-weight models are built with.
+ARCHITECTURES_DIR = resources.files("helixflow") / "data" / "architectures"
 DICTIONARY_FILES = ("token_dictionary.pkl", "gene_median_dictionary.pkl", "ensembl_mapping_dict.pkl")
 # What each dictionary maps gene ids (and special tokens, symbols) to: token ids, median
 # expression, current Ensembl ids.
@@ -211,7 +213,7 @@ def stage_architecture(files: ModelFiles, architecture_name: str, seed: int = 0)
     """Stage a random model with a real Geneformer architecture (benchmarks)."""
     path = ARCHITECTURES_DIR / f"{architecture_name}.json"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in ARCHITECTURES_DIR.glob("*.json")))
+        known = ", ".join(sorted(p.name.removesuffix(".json") for p in ARCHITECTURES_DIR.iterdir() if p.name.endswith(".json")))
         raise HelixflowError(path, f"no architecture config named {architecture_name}; known: {known}")
     stage_synthetic(files, architecture=json.loads(path.read_text()), seed=seed)
 

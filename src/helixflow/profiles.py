@@ -20,10 +20,11 @@ from helixflow.families import model_family
 from helixflow.steps import STEPS
 
 # Kept light (no model stack): the Airflow DAG loads profiles with this module.
-PROJECT_DIR = Path(__file__).resolve().parents[2]
-# Package data, so that a non-editable install (the Airflow image) finds it too.
-PROFILE_SCHEMA = files("helixflow") / "profile.schema.yaml"
-DEFAULT_PROFILES_DIR = PROJECT_DIR / "config" / "profiles"
+# Package data (src/helixflow/data), found through the import system: an installed wheel (the
+# Airflow image) finds it as a checkout does. The profiles folder is a Path (helixflow is always
+# installed as files), as a user's --profiles-dir is: both are named in messages and passed on.
+PROFILE_SCHEMA = files("helixflow") / "data" / "profile.schema.yaml"
+DEFAULT_PROFILES_DIR = Path(files("helixflow") / "data" / "profiles")
 
 
 def _validator_with_defaults(schema: dict) -> jsonschema.protocols.Validator:

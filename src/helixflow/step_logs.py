@@ -7,7 +7,6 @@ other failure ends its log with a traceback.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 ERROR_PREFIX = "helixflow: error: "
@@ -39,10 +38,3 @@ def failed_step_error(outdir: str | Path, since: float) -> str | None:
         if any(line.startswith("Traceback") for line in lines):
             return f"{ERROR_PREFIX}{log.relative_to(Path(outdir, 'logs')).with_suffix('')}: {lines[-1]} (step log: {log})"
     return None
-
-
-def report_failed_step(outdir: str | Path, since: float) -> None:
-    """Print the failing step's error (:func:`failed_step_error`) to stderr, when there is one."""
-    error = failed_step_error(outdir, since)
-    if error:
-        print(error, file=sys.stderr)

@@ -1,15 +1,20 @@
 # Run-wide values computed once at parse time: the model profile, the chunks, the paths.
+import logging
 import os
 import sys
 import time
 from pathlib import Path
 
 from helixflow.h5ad import chunk_bounds, inspect_h5ad, obs_has_column
+from helixflow.log_output import show_logs_of
 from helixflow.metrics import push_workflow
 from helixflow.families import load_family
 from helixflow.profiles import load_profile, step_resources, uses_gpu
 from helixflow.provenance import step_fingerprint
 from helixflow.steps import STEPS
+
+# helixflow's warnings in snakemake's output (e.g. a failed metrics push) read as in a step's log.
+show_logs_of("helixflow", level=logging.WARNING)
 
 OUTDIR = config["outdir"].rstrip("/")
 PROFILE = load_profile(config["model"], config["profiles_dir"])
