@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from helixflow.cli.shared import add_gene_args, add_inference_args, profile_and_files, symbol_map
-from helixflow.errors import HelixflowError
 
 
 def add_step_commands(commands: argparse._SubParsersAction) -> None:
