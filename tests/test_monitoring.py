@@ -124,8 +124,10 @@ def start_airflow_runs(tmp_dir: Path, pushgateway_url: str | None = None,
 def test_local_stages_get_the_pushgateway_address_when_set(url):
     """HELIXFLOW_PUSHGATEWAY of the Airflow services reaches the stage processes; unset, nothing is added."""
     require_airflow()
+    # A local stage sets its environment as it starts (execute), from local_stage_environment.
     code = ("import json, sys; sys.path.insert(0, 'airflow/dags'); import helixflow_dag as dag; "
-            "task = dag.helixflow_dag.get_task('embed'); print(json.dumps([task.env, task.append_env]))")
+            "task = dag.helixflow_dag.get_task('embed'); "
+            "print(json.dumps([dag.local_stage_environment({'input': 'test.h5ad'}), task.append_env]))")
     env = local_env(Path("/nonexistent"), Path("/data"), Path("/results"), "helixflow")
     env.pop("HELIXFLOW_PUSHGATEWAY", None)
     if url:

@@ -138,6 +138,12 @@ def s3_stage_environment(params: dict, results_dir: str) -> tuple[dict, dict]:
     return settings, {name: os.environ[name] for name in AWS_CREDENTIALS if os.environ.get(name)}
 
 
+def local_stage_environment(params: dict) -> dict:
+    """What a local stage process adds to the environment it inherits (append_env): stage_environment()
+    and, for an s3:// input, boto3's settings; the S3 credentials come inherited, not in this templated field."""
+    return {**stage_environment(), **s3_stage_environment(params, RESULTS_DIR)[0]}
+
+
 def results_url(params: dict) -> str:
     """Where the results of an s3:// input go: HELIXFLOW_S3_RESULTS/<run name> (default prefix: results/ of its bucket)."""
     prefix = os.environ.get("HELIXFLOW_S3_RESULTS") or f"s3://{parse_s3_url(params['input']).bucket}/results"
@@ -441,8 +447,7 @@ else:
             Path(self.cwd).mkdir(parents=True, exist_ok=True)
             command = stage_command(params, self.stage, DATA_DIR, RESULTS_DIR, LOCAL_MODELS_DIR, limits["cpus"],
                                     os.environ.get("HELIXFLOW_PROFILES_DIR"))
-            # The S3 credentials come with the inherited environment (append_env), not in this templated field.
-            self.env = {**stage_environment(), **s3_stage_environment(params, RESULTS_DIR)[0]}
+            self.env = local_stage_environment(params)
             self.bash_command = shlex.join(["exec", os.environ.get("HELIXFLOW_BIN", "helixflow"), *command])
             self.log.info("helixflow stage: %s", self.bash_command)
             return super().execute(context)
