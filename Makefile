@@ -19,7 +19,7 @@ venv: $(VENV)/.installed
 # Installed from the lock, requirements/helixflow.lock: every distribution of the tested environment
 # pinned to one file by its SHA-256, in pip's hash-checking mode, with nothing resolved (--no-deps),
 # so every machine gets the same versions; `make relock` explains why no resolver could make that
-# set. pip first (the lock's, hash-checked), so the venv's bundled pip never picks files; torch is
+# set. pip first (the lock's, hash-checked): the venv's bundled pip installs nothing else. torch is
 # the lock's CPU build (2.13.0+cpu), nothing else can come in. helixflow itself is installed
 # editable, without dependencies or build isolation (the lock's setuptools builds it). The check
 # fails when the environment holds anything the lock does not, or other versions (an updated
