@@ -12,25 +12,53 @@ DEMO_OUT ?= results/demo$(if $(filter tiny,$(DEMO_MODEL)),,-$(DEMO_MODEL))
 # fine-tuning shows what it adds; at 3,000 UMIs both reach 99.8%.
 DEMO_MEAN_COUNTS ?= 500
 
-.PHONY: demo test venv airflow-venv compose lint lint-containers bench bench-finetune clean images
+.PHONY: demo test venv lock relock airflow-venv compose lint lint-containers bench bench-finetune clean images
 
 venv: $(VENV)/.installed
 
+# Installed from the lock, requirements/helixflow.lock: every distribution of the tested environment
+# pinned to one file by its SHA-256, in pip's hash-checking mode, with nothing resolved (--no-deps),
+# so every machine gets the same versions; `make relock` explains why no resolver could make that
+# set. pip first (the lock's, hash-checked): the venv's bundled pip installs nothing else. torch is
+# the lock's CPU build (2.13.0+cpu), nothing else can come in. helixflow itself is installed
+# editable, without dependencies or build isolation (the lock's setuptools builds it). The check
+# fails when the environment holds anything the lock does not, or other versions (an updated
+# environment keeps packages the lock dropped).
+# An existing environment is updated, never recreated: another python3.11 on the PATH would
+# rewrite its pyvenv.cfg under the installed packages.
+LOCK := requirements/helixflow.lock
+$(VENV)/.installed: $(LOCK) pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	grep -E '^pip==' $(LOCK) | $(BIN)/python -m pip install --quiet --require-hashes --no-deps -r /dev/stdin
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python ci/lock.py --check $(VENV) $(LOCK)
+	touch $@
+
+# `make lock`: the lock of an installed, tested environment (LOCK_FROM, default .venv): its
+# `pip freeze --all`, each file's SHA-256 from pip's install report (ci/lock.py). After changing
+# the environment on purpose (pip install X==V in .venv, tests pass): `make lock`, commit both.
+LOCK_FROM ?= $(VENV)
+lock:
+	$(PYTHON) ci/lock.py $(LOCK_FROM) -o $(LOCK)
+
+# `make relock`: resolve the environment afresh (newest versions allowed by pyproject.toml and the
+# pins below) in a scratch environment, LOCK_VENV, and write its lock; then `make venv`, test, commit.
 # torch first, pinned: the CPU build where the machine has one; nothing may pull another.
 # helical 2.2.0 pins torch==2.7.0 (a multi-GB CUDA download), so it goes in without its
 # pins; pyproject.toml lists the packages it imports. The SLURM executor plugin 2.8.0 asks
 # for numpy>=2.4.5, which helical's numpy<2.3 rules out (it imports numpy only for its
 # optional efficiency report): it goes in without its pins too; pyproject.toml lists the rest.
-# An existing environment is updated, never recreated: another python3.11 on the PATH would
-# rewrite its pyvenv.cfg under the installed packages.
-$(VENV)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet --no-deps helical==2.2.0
-	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/pip install --quiet --no-deps snakemake-executor-plugin-slurm==2.8.0
-	touch $@
+LOCK_VENV ?= .venv-lock
+relock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/pip install --quiet torch==2.13.0
+	$(LOCK_VENV)/bin/pip install --quiet --no-deps helical==2.2.0
+	$(LOCK_VENV)/bin/pip install --quiet -e '.[test]'
+	$(LOCK_VENV)/bin/pip install --quiet --no-deps snakemake-executor-plugin-slurm==2.8.0
+	$(PYTHON) ci/lock.py $(LOCK_VENV) -o $(LOCK)
 
 demo: venv
 	$(BIN)/helixflow demo-data resources/demo/demo.h5ad --cells $(DEMO_CELLS) --mean-counts $(DEMO_MEAN_COUNTS)

@@ -1,0 +1,170 @@
+"""The lock file of helixflow's Python environment: every distribution pinned, with its hash.
+
+Usage: python ci/lock.py VENV [-o requirements/helixflow.lock]   write the lock of VENV's packages
+       python ci/lock.py --check VENV [LOCK]                     VENV holds exactly the lock's versions
+
+The lock is made from an installed, tested environment, not from a resolution: helical 2.2.0 and
+snakemake-executor-plugin-slurm 2.8.0 go in without their dependencies (their pins conflict with the
+CPU torch and with helical's numpy, see the Makefile's `relock`), so no resolver can produce this
+set. Every distribution of `pip freeze --all --exclude-editable` of VENV (pip and setuptools too,
+helixflow itself not: it is installed editable from the checkout) is looked up again with VENV's
+own pip, `pip install --dry-run --ignore-installed --no-deps --report`: the report names the file
+pip would install on this machine (wheel or sdist, from the configured indexes) and its SHA-256.
+Output is sorted and carries no local paths or dates, so the same environment gives the same file.
+Standard library only; pip runs as VENV/bin/python -m pip.
+"""
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+import urllib.parse
+from pathlib import Path
+
+DEFAULT_LOCK = "requirements/helixflow.lock"
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pip(venv: Path, *args: str) -> str:
+    python = venv / "bin" / "python"
+    if not python.exists():
+        sys.exit(f"lock: {python} not found: VENV must be a virtual environment")
+    return subprocess.run([str(python), "-m", "pip", *args], check=True, text=True, stdout=subprocess.PIPE).stdout
+
+
+def frozen(venv: Path) -> dict[str, tuple[str, str]]:
+    """canonical name -> (name, version) of every non-editable distribution of venv."""
+    pins = {}
+    for line in pip(venv, "freeze", "--all", "--exclude-editable").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line.strip())
+        if not m:
+            sys.exit(f"lock: cannot pin {line!r} (installed from a URL or a folder?); "
+                     "install it from an index or a wheel first")
+        pins[canonical(m[1])] = (m[1], m[2])
+    return pins
+
+
+def read_lock(path: Path) -> dict[str, tuple[str, str]]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)\s", line)
+        if m:
+            pins[canonical(m[1])] = (m[1], m[2])
+    return pins
+
+
+def wheel_glibc(filename: str) -> tuple[int, int] | None:
+    """(2, 28) for a manylinux_2_28 wheel (manylinux2014 = 2.17, manylinux2010 = 2.12, manylinux1 = 2.5)."""
+    if not filename.endswith(".whl"):
+        return None
+    found = []
+    for tag in filename[:-4].split("-")[-1].split("."):
+        if m := re.fullmatch(r"manylinux_(\d+)_(\d+)_\w+", tag):
+            found.append((int(m[1]), int(m[2])))
+        elif m := re.fullmatch(r"manylinux(1|2010|2014)_\w+", tag):
+            found.append({"1": (2, 5), "2010": (2, 12), "2014": (2, 17)}[m[1]])
+    return min(found) if found else None
+
+
+def make_lock(venv: Path) -> str:
+    pins = frozen(venv)
+    with tempfile.TemporaryDirectory(prefix="helixflow-lock-") as tmp:
+        reqs, report_file = Path(tmp, "requirements.txt"), Path(tmp, "report.json")
+        reqs.write_text("".join(f"{name}=={version}\n" for name, version in pins.values()))
+        pip(venv, "install", "--dry-run", "--ignore-installed", "--no-deps", "--quiet",
+            "--report", str(report_file), "-r", str(reqs))
+        report = json.loads(report_file.read_text())
+    entries = {}
+    for item in report["install"]:
+        name, version = item["metadata"]["name"], item["metadata"]["version"]
+        info = item["download_info"]
+        sha256 = info.get("archive_info", {}).get("hashes", {}).get("sha256")
+        if not sha256:
+            sys.exit(f"lock: pip's report has no SHA-256 for {name} {version} ({info.get('url')})")
+        filename = urllib.parse.unquote(info["url"].rsplit("/", 1)[-1])
+        entries[canonical(name)] = (name, version, sha256, filename)
+    reported = {(key, entry[1]) for key, entry in entries.items()}
+    installed = {(key, version) for key, (_name, version) in pins.items()}
+    if reported != installed:
+        sys.exit(f"lock: pip's report does not match the environment: {sorted(reported ^ installed)}")
+
+    env = report["environment"]
+    files = [entry[3] for entry in entries.values()]
+    sdists = sorted(entry[0] for entry in entries.values() if not entry[3].endswith(".whl"))
+    glibc = max(filter(None, map(wheel_glibc, files)), default=None)
+    lines = [
+        "# helixflow's Python environment: every distribution of the tested environment (Makefile `venv`),",
+        "# pinned, with the SHA-256 of the file pip installs. Generated by `make lock` (ci/lock.py); do not",
+        "# edit by hand. Installed by `make venv` in pip's hash-checking mode, without resolving anything:",
+        "#   pip install --require-hashes --no-deps -r requirements/helixflow.lock",
+        "#   pip install --no-deps --no-build-isolation -e .    # helixflow itself, not in this file",
+        f"# Platform: {env['platform_python_implementation']} {env['python_version']}"
+        f" ({env['python_full_version']} here), {env['platform_system']} {env['platform_machine']}"
+        + (f", glibc >= {glibc[0]}.{glibc[1]} (manylinux wheels)" if glibc else "")
+        + f"; hashes taken by pip {report['pip_version']}.",
+        "# torch is PyTorch's CPU build (+cpu, as https://download.pytorch.org/whl/cpu has it); its hash is that",
+        "# of the wheel these machines have locally. helical and snakemake-executor-plugin-slurm are in without",
+        "# their declared pins (see the Makefile's relock): `pip check` lists helical's pins (torch==2.7.0, ...)",
+        "# and the plugin's numpy>=2.4.5 as unmet.",
+    ]
+    if sdists:
+        text = (f"Built from source at install (sdists): {', '.join(sdists)}. Their build backend (setuptools,"
+                " in pip's build isolation) is neither pinned nor hash-checked: pip checks no build dependencies.")
+        lines += textwrap.wrap(text, width=98, initial_indent="# ", subsequent_indent="# ", break_on_hyphens=False)
+    lines.append("# The line above each pin names the file the hash is of.")
+    lines.append("")
+    for _key, (name, version, sha256, filename) in sorted(entries.items()):
+        lines.append(f"# {filename}")
+        lines.append(f"{name}=={version} --hash=sha256:{sha256}")
+    return "\n".join(lines) + "\n"
+
+
+def check(venv: Path, lock: Path) -> int:
+    want, have = read_lock(lock), frozen(venv)
+    problems = []
+    for key in sorted(want.keys() | have.keys()):
+        if key not in have:
+            problems.append(f"  {want[key][0]}=={want[key][1]}: in the lock, not installed")
+        elif key not in want:
+            problems.append(f"  {have[key][0]}=={have[key][1]}: installed, not in the lock")
+        elif want[key][1] != have[key][1]:
+            problems.append(f"  {want[key][0]}: {have[key][1]} installed, {want[key][1]} in the lock")
+    if problems:
+        print(f"lock: {venv} differs from {lock}:", *problems, sep="\n", file=sys.stderr)
+        print(f"lock: remove what is not in the lock (pip uninstall), or start afresh (rm -rf {venv}; make venv);"
+              " a package added on purpose goes into the lock with `make lock`", file=sys.stderr)
+        return 1
+    print(f"lock: {venv} matches {lock} ({len(want)} distributions)", file=sys.stderr)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("venv", type=Path)
+    parser.add_argument("lock", type=Path, nargs="?", help=f"--check: the lock file (default {DEFAULT_LOCK})")
+    parser.add_argument("-o", "--output", type=Path, help="write the lock here (default: standard output)")
+    parser.add_argument("--check", action="store_true", help="compare VENV with the lock instead of writing one")
+    args = parser.parse_args()
+    if args.check:
+        return check(args.venv, args.lock or Path(DEFAULT_LOCK))
+    if args.lock:
+        parser.error("LOCK goes with --check; write with -o")
+    text = make_lock(args.venv)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
