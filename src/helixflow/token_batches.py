@@ -107,17 +107,19 @@ def pad_batch(cells: CellTokens, padding: Padding) -> dict[str, torch.Tensor]:
     """
     lengths = torch.as_tensor([len(cell) for cell in cells.ids], dtype=torch.long)
     width = int(lengths.max())
-    ids = torch.full((len(cells.ids), width), padding.token, dtype=torch.long)
-    for i, cell in enumerate(cells.ids):
-        ids[i, : len(cell)] = torch.from_numpy(cell.astype(np.int64))
     attention = torch.arange(width)[None, :] < lengths[:, None]
-    batch = {"input_ids": ids, "attention_mask": attention.long()}
+    batch = {"input_ids": _padded(cells.ids, width, padding.token, np.int64), "attention_mask": attention.long()}
     if cells.values is not None:
-        values = torch.full((len(cells.values), width), float(padding.value), dtype=torch.float32)
-        for i, cell in enumerate(cells.values):
-            values[i, : len(cell)] = torch.from_numpy(cell.astype(np.float32))
-        batch["values"] = values
+        batch["values"] = _padded(cells.values, width, padding.value, np.float32)
     return batch
+
+
+def _padded(arrays: list[np.ndarray], width: int, fill: int, dtype: type) -> torch.Tensor:
+    """The arrays as the rows of one ``dtype`` tensor ``width`` wide, ``fill`` after each array's end."""
+    out = np.full((len(arrays), width), fill, dtype=dtype)
+    for i, array in enumerate(arrays):
+        out[i, : len(array)] = array
+    return torch.from_numpy(out)
 
 
 class EpochBatches:
