@@ -82,7 +82,7 @@ def annotate(
         probability.attrs["encoding-type"] = "array"
         probability.attrs["encoding-version"] = "0.2.0"
         counted = "n_counts" in source["obs"]
-        for first, block in iter_row_blocks(input_path, 0, layout.n_cells, BLOCK_CELLS):
+        for first, block in iter_row_blocks(input_path, 0, layout.n_cells, block_size=BLOCK_CELLS):
             rows = slice(first, first + block.shape[0])
             n_counts = read_obs_rows(source, rows.start, rows.stop, ["n_counts"])["n_counts"].to_numpy(dtype=np.float64) if counted else None
             tokens = tokenizer.encode(block, n_counts)

@@ -72,7 +72,7 @@ def counts_sources(handle: h5py.File) -> list[str]:
     return sources
 
 
-def inspect_h5ad(path: str | Path, counts: str = "X") -> H5adLayout:
+def inspect_h5ad(path: str | Path, *, counts: str = "X") -> H5adLayout:
     """Check that ``path`` is a readable .h5ad with cells stored by rows; describe its counts.
 
     Parameters
@@ -163,7 +163,7 @@ def _check_table_sizes(path: Path, handle: h5py.File, key: str, layout: H5adLayo
                                    + ("" if key == "raw/X" else f", or read counts elsewhere with {COUNTS_OPTION}"))
 
 
-def read_var(path: str | Path, counts: str = "X") -> pd.DataFrame:
+def read_var(path: str | Path, *, counts: str = "X") -> pd.DataFrame:
     """Return the gene table of a counts source: ``var``, or ``raw/var`` for ``raw``."""
     with h5py.File(path, "r") as handle:
         return read_elem(handle[gene_table_key(counts)])
@@ -221,13 +221,13 @@ def _read_column_rows(element, start: int, stop: int):
 
 
 def iter_row_blocks(
-    path: str | Path, start: int, stop: int, block_size: int, counts: str = "X"
+    path: str | Path, start: int, stop: int, *, block_size: int, counts: str = "X"
 ) -> Iterator[tuple[int, sp.csr_matrix]]:
     """Yield ``(first_row, counts)`` for rows ``start:stop`` of a counts source as CSR blocks.
 
     Peak memory is one block of ``block_size`` cells, whatever the file's size.
     """
-    layout = inspect_h5ad(path, counts)
+    layout = inspect_h5ad(path, counts=counts)
     key = counts_key(counts)
     try:
         with h5py.File(path, "r") as handle:
@@ -251,7 +251,7 @@ def chunk_bounds(n_cells: int, chunk_size: int) -> list[tuple[int, int]]:
 POINT_READ_ROWS = 256
 
 
-def read_rows(dataset: h5py.Dataset, rows: np.ndarray, slab_bytes: int = 64 * 2**20) -> np.ndarray:
+def read_rows(dataset: h5py.Dataset, rows: np.ndarray, *, slab_bytes: int = 64 * 2**20) -> np.ndarray:
     """Rows ``rows`` (increasing) of an on-disk array, read in slabs of about ``slab_bytes``: memory is the rows asked for."""
     out = np.empty((len(rows), *dataset.shape[1:]), dtype=dataset.dtype)
     if not len(rows):
@@ -271,7 +271,7 @@ def read_rows(dataset: h5py.Dataset, rows: np.ndarray, slab_bytes: int = 64 * 2*
     return out
 
 
-def read_obs_column(handle: h5py.File, name: str, rows: np.ndarray, block_rows: int = 1_000_000) -> np.ndarray:
+def read_obs_column(handle: h5py.File, name: str, rows: np.ndarray, *, block_rows: int = 1_000_000) -> np.ndarray:
     """Values of obs column ``name`` at ``rows`` (increasing), read in blocks of ``block_rows`` rows."""
     n_rows = handle["obs"][handle["obs"].attrs["_index"]].shape[0]
     pieces = []
@@ -337,7 +337,8 @@ def _extend(dataset: h5py.Dataset, values: np.ndarray) -> None:
     dataset[first:] = values
 
 
-def write_empty_matrix(handle: h5py.Group, key: str, n_rows: int, dtype=np.float32, block_rows: int = 1_000_000) -> None:
+def write_empty_matrix(handle: h5py.Group, key: str, n_rows: int, *, dtype=np.float32,
+                       block_rows: int = 1_000_000) -> None:
     """Write an ``n_rows`` x 0 CSR matrix, as anndata does, without holding its index pointers in memory."""
     group = handle.create_group(key)
     group.attrs["encoding-type"] = "csr_matrix"

@@ -32,6 +32,7 @@ def validate_input(
     path: str | Path,
     files,
     out: str | Path,
+    *,
     gene_id_column: str = "auto",
     symbol_map: dict[str, str] | None = None,
     require_raw_counts: bool = True,
@@ -49,12 +50,12 @@ def validate_input(
     family (:mod:`helixflow.families`), whose tokenizer matches the genes.
     """
     path = Path(path)
-    source, reason = choose_counts_source(path, counts_source, require_raw_counts)
-    layout = inspect_h5ad(path, source)
+    source, reason = choose_counts_source(path, requested=counts_source, require_raw_counts=require_raw_counts)
+    layout = inspect_h5ad(path, counts=source)
     with h5py.File(path, "r") as handle:
         # What an orchestrator decides on (e.g. whether the label column is there) without the data.
         obs_columns = [str(column) for column in handle["obs"].attrs.get("column-order", [])]
-    tokenizer = load_family(files.model_name).gene_tokenizer(files, read_var(path, source), gene_column=gene_id_column,
+    tokenizer = load_family(files.model_name).gene_tokenizer(files, read_var(path, counts=source), gene_column=gene_id_column,
                                                              symbol_map=symbol_map, path=path)
     genes = dict(tokenizer.mapping.report, table=gene_table_key(source))
     warnings = []
@@ -64,9 +65,9 @@ def validate_input(
             f"{genes['column']} are in the vocabulary of {files.model_name}: check that they are human genes, or set "
             "gene_id_column / gene_symbol_map")
     nonzero = 0
-    for first, block in iter_row_blocks(path, 0, layout.n_cells, BLOCK_CELLS, source):
+    for first, block in iter_row_blocks(path, 0, layout.n_cells, block_size=BLOCK_CELLS, counts=source):
         nonzero += block.nnz
-        check_values(path, block, first, source, require_raw_counts)
+        check_values(path, block, first, source=source, require_raw_counts=require_raw_counts)
     duplicates = duplicate_cell_names(path)
     if duplicates["count"]:
         warnings.append(
@@ -104,7 +105,7 @@ def validate_input(
     return summary
 
 
-def value_problem(block: sp.csr_matrix, require_raw_counts: bool = True) -> tuple[str, int] | None:
+def value_problem(block: sp.csr_matrix, *, require_raw_counts: bool = True) -> tuple[str, int] | None:
     """The first kind of bad value in a block and the position of its first instance, or ``None``.
 
     Kinds, in the order looked for: ``"NaN"``, ``"infinite"``, then, with ``require_raw_counts``,
@@ -125,9 +126,9 @@ def value_problem(block: sp.csr_matrix, require_raw_counts: bool = True) -> tupl
     return None
 
 
-def check_values(path: Path, block: sp.csr_matrix, first_row: int, source: str, require_raw_counts: bool) -> None:
+def check_values(path: Path, block: sp.csr_matrix, first_row: int, *, source: str, require_raw_counts: bool) -> None:
     """Raise a distinct, actionable error for NaN, infinite, negative or non-integer counts."""
-    problem = value_problem(block, require_raw_counts)
+    problem = value_problem(block, require_raw_counts=require_raw_counts)
     if problem is None:
         return
     kind, position = problem
@@ -143,7 +144,7 @@ def check_values(path: Path, block: sp.csr_matrix, first_row: int, source: str, 
     raise HelixflowError(path, f"{where}; {advice}")
 
 
-def choose_counts_source(path: Path, requested: str = "auto", require_raw_counts: bool = True) -> tuple[str, str]:
+def choose_counts_source(path: Path, *, requested: str = "auto", require_raw_counts: bool = True) -> tuple[str, str]:
     """Where to read raw counts from, and why: ``(source, reason)``.
 
     ``auto`` takes ``X`` when a sample of its first cells holds raw counts (non-negative
@@ -175,10 +176,10 @@ def choose_counts_source(path: Path, requested: str = "auto", require_raw_counts
 def _sample_problem(path: Path, source: str) -> str | None:
     """What is wrong with the first cells of a source as raw counts (``None``: they look raw)."""
     try:
-        layout = inspect_h5ad(path, source)
+        layout = inspect_h5ad(path, counts=source)
         # A dense matrix is read whole row by row: fewer cells of a wide one.
         cells = max(1, min(SAMPLE_CELLS, layout.n_cells, SAMPLE_VALUES // layout.n_genes))
-        _, block = next(iter_row_blocks(path, 0, cells, cells, source))
+        _, block = next(iter_row_blocks(path, 0, cells, block_size=cells, counts=source))
     except HelixflowError:
         return "no readable matrix"
     problem = value_problem(block)
@@ -188,7 +189,7 @@ def _sample_problem(path: Path, source: str) -> str | None:
     return f"{kind} values (e.g. {block.data[position]:.4g})"
 
 
-def duplicate_cell_names(path: Path, examples: int = 3, block_rows: int = 100_000) -> dict:
+def duplicate_cell_names(path: Path, *, examples: int = 3, block_rows: int = 100_000) -> dict:
     """How many cell names (``obs_names``) repeat an earlier one, and a few of them.
 
     Names are read in blocks and kept as 64-bit hashes, sorted in place (8 bytes a cell, and a
@@ -223,13 +224,13 @@ def duplicate_cell_names(path: Path, examples: int = 3, block_rows: int = 100_00
     return {"count": count, "examples": found[:examples]}
 
 
-def split_chunk(path: str | Path, out: str | Path, start: int, stop: int, counts: str = "X") -> Path:
+def split_chunk(path: str | Path, out: str | Path, start: int, stop: int, *, counts: str = "X") -> Path:
     """Write cells ``start:stop`` of ``path`` (X as CSR, obs, var) to the chunk file ``out``.
 
     The chunk's ``X`` and ``var`` are the counts source ``counts`` and its gene table, so
     chunks are always in the canonical layout (raw counts in ``X``).
     """
-    layout = inspect_h5ad(path, counts)
+    layout = inspect_h5ad(path, counts=counts)
     if not 0 <= start < stop <= layout.n_cells:
         raise HelixflowError(path, f"cell range {start}:{stop} is outside 0:{layout.n_cells}")
     with h5py.File(path, "r") as handle:
@@ -241,7 +242,7 @@ def split_chunk(path: str | Path, out: str | Path, start: int, stop: int, counts
         skeleton.write_h5ad(partial)
         with h5py.File(partial, "r+") as handle:
             del handle["X"]
-            for first, block in iter_row_blocks(path, start, stop, BLOCK_CELLS, counts):
+            for first, block in iter_row_blocks(path, start, stop, block_size=BLOCK_CELLS, counts=counts):
                 if first == start:
                     write_elem(handle, "X", block)
                     matrix = sparse_dataset(handle["X"])

@@ -448,7 +448,7 @@ def tokenize_chunk(
     tokenizer = CellTokenizer(files, read_var(chunk_path), gene_id_column, symbol_map, Path(chunk_path), threads)
     bar = tqdm(total=layout.n_cells, desc="tokenize", unit="cell", mininterval=5, disable=not progress)
     with atomic_path(out) as partial, pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, ARROW_SCHEMA) as writer, bar:
-        for first, block in iter_row_blocks(chunk_path, 0, layout.n_cells, block_cells):
+        for first, block in iter_row_blocks(chunk_path, 0, layout.n_cells, block_size=block_cells):
             writer.write_batch(tokenizer.encode(block, _obs_total_counts(chunk_path, first, block.shape[0])))
             bar.update(block.shape[0])
     return layout.n_cells

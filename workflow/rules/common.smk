@@ -27,7 +27,7 @@ MODEL_READY = str(MODEL_FILES.ready_file)
 MODEL_STAGED = os.path.isfile(MODEL_READY)
 # Reads only the file's header: a bad input fails here, before any output exists.
 # (With counts_source auto, validate_input chooses the source; every source has obs's cells.)
-LAYOUT = inspect_h5ad(config["input"], config["counts_source"])
+LAYOUT = inspect_h5ad(config["input"], counts=config["counts_source"])
 CHUNK_BOUNDS = {
     f"chunk-{index:05d}": bounds
     for index, bounds in enumerate(chunk_bounds(LAYOUT.n_cells, config["chunk_size"]))

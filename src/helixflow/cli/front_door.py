@@ -122,7 +122,7 @@ def cmd_run(args) -> int:
     if is_s3_url(args.input) or is_s3_url(args.out):
         return _run_on_object_storage(args)
     # Check what snakemake would otherwise report inside a traceback.
-    layout = inspect_h5ad(args.input, args.counts_source or "auto")
+    layout = inspect_h5ad(args.input, counts=args.counts_source or "auto")
     if args.until == "annotate" and not args.annotate:
         raise HelixflowError(args.input, "--until annotate needs --annotate DATASET (the .h5ad to label)")
     profile = load_profile(args.model, args.profiles_dir)

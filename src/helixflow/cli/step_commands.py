@@ -131,8 +131,9 @@ def cmd_step_validate(args) -> int:
     from helixflow.split import validate_input
 
     _, files = profile_and_files(args)
-    summary = validate_input(args.input, files, args.out, args.gene_id_column, symbol_map(args), args.raw,
-                             args.counts_source, args.label_column)
+    summary = validate_input(args.input, files, args.out, gene_id_column=args.gene_id_column, symbol_map=symbol_map(args),
+                             require_raw_counts=args.raw, counts_source=args.counts_source,
+                             label_column=args.label_column)
     print(json.dumps(summary))
     return summary["cells"]
 
@@ -141,7 +142,7 @@ def cmd_step_split(args) -> int:
     from helixflow.split import split_chunk
 
     counts = json.loads(args.input_check.read_text())["counts_source"] if args.input_check else "X"
-    split_chunk(args.input, args.out, args.start, args.stop, counts)
+    split_chunk(args.input, args.out, args.start, args.stop, counts=counts)
     print(f"helixflow: cells {args.start}:{args.stop} -> {args.out}")
     return args.stop - args.start
 

@@ -253,7 +253,7 @@ def tokenize_chunk(chunk_path: str | Path, files: ScGPTFiles, out: str | Path, *
     bar = tqdm(total=layout.n_cells, desc="tokenize", unit="cell", mininterval=5, disable=not progress)
     with atomic_path(out) as partial, pa.OSFile(str(partial), "wb") as sink, \
             pa.ipc.new_file(sink, ARROW_SCHEMA) as writer, bar:
-        for _, block in iter_row_blocks(chunk_path, 0, layout.n_cells, block_cells):
+        for _, block in iter_row_blocks(chunk_path, 0, layout.n_cells, block_size=block_cells):
             writer.write_batch(tokenizer.encode(block))
             bar.update(block.shape[0])
     return layout.n_cells
