@@ -64,7 +64,7 @@ def test_symbols_mapped_and_duplicates_summed(tiny_v1, dataset, tmp_path):
     table = tmp_path / "symbols.tsv"
     pd.DataFrame({"symbol": adata.var["gene_symbol"], "ensembl_id": ids}).to_csv(table, sep="\t", index=False)
     symbol_map = read_symbol_map(table)
-    by_symbol = CellTokenizer(tiny_v1, adata.var, "gene_symbol", symbol_map).encode(adata.X)
+    by_symbol = CellTokenizer(tiny_v1, adata.var, gene_id_column="gene_symbol", symbol_map=symbol_map).encode(adata.X)
     by_id = CellTokenizer(tiny_v1, adata.var).encode(adata.X)
     assert by_symbol.to_pylist() == by_id.to_pylist()
 
@@ -83,6 +83,6 @@ def test_no_vocabulary_gene_is_an_error(tiny_v1, dataset):
     var = ad.read_h5ad(dataset, backed="r").var.copy()
     var["ensembl_id"] = [f"GENE{i}" for i in range(len(var))]
     with pytest.raises(HelixflowError, match="no gene of var\\['ensembl_id'\\].*vocabulary"):
-        CellTokenizer(tiny_v1, var, "ensembl_id", path=dataset)
+        CellTokenizer(tiny_v1, var, gene_id_column="ensembl_id", path=dataset)
     with pytest.raises(HelixflowError, match="no gene id column 'gene_ids'"):
-        CellTokenizer(tiny_v1, var, "gene_ids", path=dataset)
+        CellTokenizer(tiny_v1, var, gene_id_column="gene_ids", path=dataset)

@@ -47,7 +47,7 @@ def gene_tokenizer(files: ModelFiles, var, *, gene_column: str, symbol_map: dict
     """The tokenizer of a dataset's genes (its ``mapping.report`` says how they matched)."""
     from helixflow.tokenization import CellTokenizer
 
-    return CellTokenizer(files, var, gene_column, symbol_map, path)
+    return CellTokenizer(files, var, gene_id_column=gene_column, symbol_map=symbol_map, path=path)
 
 
 def tokenize_chunk(chunk: Path, files: ModelFiles, out: Path, *, gene_column: str, symbol_map: dict | None,
@@ -55,7 +55,8 @@ def tokenize_chunk(chunk: Path, files: ModelFiles, out: Path, *, gene_column: st
     """Rank-value encode one chunk into an Arrow file; return its cells."""
     from helixflow.tokenization import tokenize_chunk as rank_value_tokenize
 
-    return rank_value_tokenize(chunk, files, out, gene_column, symbol_map, threads=threads, progress=progress)
+    return rank_value_tokenize(chunk, files, out, gene_id_column=gene_column, symbol_map=symbol_map, threads=threads,
+                               progress=progress)
 
 
 def embed_chunk(tokens: Path, chunk: Path, files: ModelFiles, out: Path, *, batch_size: int, device: str,

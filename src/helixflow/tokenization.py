@@ -125,7 +125,7 @@ def _symbol_matches(values: np.ndarray, symbol_map: dict[str, str] | None, ensem
                for value in values)
 
 
-def detect_gene_column(var: pd.DataFrame, symbol_map: dict[str, str] | None, ensembl_mapping: dict,
+def detect_gene_column(var: pd.DataFrame, *, symbol_map: dict[str, str] | None, ensembl_mapping: dict,
                        path: Path = Path("input")) -> tuple[str, str]:
     """Find the ``var`` column with gene ids: ``(column, kind)``, ``kind`` ``"ensembl"`` or ``"symbol"``.
 
@@ -159,6 +159,7 @@ def detect_gene_column(var: pd.DataFrame, symbol_map: dict[str, str] | None, ens
 def resolve_gene_ids(
     var: pd.DataFrame,
     ensembl_mapping: dict,
+    *,
     gene_id_column: str = "auto",
     symbol_map: dict[str, str] | None = None,
     path: Path = Path("input"),
@@ -171,7 +172,7 @@ def resolve_gene_ids(
     upper-case, as helical's tokenizer reads it).
     """
     if gene_id_column == "auto":
-        column, kind = detect_gene_column(var, symbol_map, ensembl_mapping, path)
+        column, kind = detect_gene_column(var, symbol_map=symbol_map, ensembl_mapping=ensembl_mapping, path=path)
         detected = True
     elif gene_id_column == "index" or gene_id_column in var.columns:
         column, detected = gene_id_column, False
@@ -205,6 +206,7 @@ def resolve_gene_ids(
 def map_genes(
     var: pd.DataFrame,
     dictionaries: tuple[dict, dict, dict],
+    *,
     model_name: str,
     gene_id_column: str = "auto",
     symbol_map: dict[str, str] | None = None,
@@ -216,7 +218,7 @@ def map_genes(
     Ensembl ids pass through the mapping dictionary too (it maps retired ids to current ones).
     """
     token_dictionary, medians, ensembl_mapping = dictionaries
-    genes = resolve_gene_ids(var, ensembl_mapping, gene_id_column, symbol_map, path)
+    genes = resolve_gene_ids(var, ensembl_mapping, gene_id_column=gene_id_column, symbol_map=symbol_map, path=path)
     mapped = [ensembl_mapping.get(gene) if gene is not None else None for gene in genes.ids]
     mapped = [gene if gene in token_dictionary and gene in medians else None for gene in mapped]
     kept = sorted({gene for gene in mapped if gene is not None}, key=token_dictionary.get)
@@ -276,6 +278,7 @@ def keep_vocabulary_genes(counts: sp.csr_matrix, mapping: GeneMapping) -> sp.csr
 def rank_value_encode(
     counts: sp.csr_matrix,
     mapping: GeneMapping,
+    *,
     max_genes: int,
     n_counts: np.ndarray | None = None,
     threads: int = 1,
@@ -329,7 +332,7 @@ def rank_value_encode(
     return tokens, offsets
 
 
-def frame_special_tokens(tokens: np.ndarray, offsets: np.ndarray, cls_token: int, eos_token: int) -> tuple[np.ndarray, np.ndarray]:
+def frame_special_tokens(tokens: np.ndarray, offsets: np.ndarray, *, cls_token: int, eos_token: int) -> tuple[np.ndarray, np.ndarray]:
     """Put ``<cls>`` before and ``<eos>`` after every cell's tokens."""
     n_cells = len(offsets) - 1
     lengths = np.diff(offsets)
@@ -365,11 +368,12 @@ class CellTokenizer:
         Threads that rank cells in parallel.
     """
 
-    def __init__(self, files: ModelFiles, var: pd.DataFrame, gene_id_column: str = "auto",
+    def __init__(self, files: ModelFiles, var: pd.DataFrame, *, gene_id_column: str = "auto",
                  symbol_map: dict[str, str] | None = None, path: Path = Path("input"), threads: int = 1) -> None:
         facts = model_facts(files.model_name)
         dictionaries = files.load_dictionaries()
-        self.mapping = map_genes(var, dictionaries, files.model_name, gene_id_column, symbol_map, path)
+        self.mapping = map_genes(var, dictionaries, model_name=files.model_name, gene_id_column=gene_id_column,
+                                 symbol_map=symbol_map, path=path)
         self.special_tokens = facts["special_tokens"]
         self.max_genes = facts["input_size"] - 2 if self.special_tokens else facts["input_size"]
         self.threads = threads
@@ -385,9 +389,10 @@ class CellTokenizer:
 
     def encode(self, counts: sp.csr_matrix, n_counts: np.ndarray | None = None) -> pa.RecordBatch:
         """Return one Arrow record batch (``input_ids``, ``length``) for a block of cells."""
-        tokens, offsets = rank_value_encode(counts, self.mapping, self.max_genes, n_counts, self.threads)
+        tokens, offsets = rank_value_encode(counts, self.mapping, max_genes=self.max_genes, n_counts=n_counts,
+                                            threads=self.threads)
         if self.special_tokens:
-            tokens, offsets = frame_special_tokens(tokens, offsets, self.cls_token, self.eos_token)
+            tokens, offsets = frame_special_tokens(tokens, offsets, cls_token=self.cls_token, eos_token=self.eos_token)
         input_ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(tokens))
         return pa.RecordBatch.from_arrays([input_ids, pa.array(np.diff(offsets).astype(np.int32))], schema=ARROW_SCHEMA)
 
@@ -433,6 +438,7 @@ def tokenize_chunk(
     chunk_path: str | Path,
     files: ModelFiles,
     out: str | Path,
+    *,
     gene_id_column: str = "auto",
     symbol_map: dict[str, str] | None = None,
     block_cells: int = 2_048,
@@ -445,7 +451,8 @@ def tokenize_chunk(
     otherwise the row sum of ``X``.
     """
     layout = inspect_h5ad(chunk_path)
-    tokenizer = CellTokenizer(files, read_var(chunk_path), gene_id_column, symbol_map, Path(chunk_path), threads)
+    tokenizer = CellTokenizer(files, read_var(chunk_path), gene_id_column=gene_id_column, symbol_map=symbol_map,
+                              path=Path(chunk_path), threads=threads)
     bar = tqdm(total=layout.n_cells, desc="tokenize", unit="cell", mininterval=5, disable=not progress)
     with atomic_path(out) as partial, pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, ARROW_SCHEMA) as writer, bar:
         for first, block in iter_row_blocks(chunk_path, 0, layout.n_cells, block_size=block_cells):
