@@ -58,10 +58,11 @@ def embed_throughput(cells: int, batch_size: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         model = load_encoder(staged_model(folder), device)
     tokens, lengths = synthetic_cells(cells, model.config.vocab_size)
-    embed_tokens(model, tokens[:batch_size], lengths[:batch_size], batch_size, True, device, "bf16")
+    embed_tokens(model, tokens[:batch_size], lengths[:batch_size], batch_size=batch_size, special_tokens=True, device=device,
+                 precision="bf16")
     torch.cuda.synchronize()
     started = time.perf_counter()
-    embed_tokens(model, tokens, lengths, batch_size, True, device, "bf16")
+    embed_tokens(model, tokens, lengths, batch_size=batch_size, special_tokens=True, device=device, precision="bf16")
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     return {"cells": cells, "batch_size": batch_size, "seconds": seconds, "cells_per_s": cells / seconds,

@@ -70,7 +70,7 @@ model = load_encoder(files, torch.device("cpu"))
 table = open_tokens(a["tokens"])
 start = time.perf_counter()
 out = embed_tokens(model, table.column("input_ids").combine_chunks(), table.column("length").to_numpy(),
-                   a["batch"], False, torch.device("cpu"))
+                   batch_size=a["batch"], special_tokens=False, device=torch.device("cpu"))
 np.save(a["out"], out)
 """,
     "embed_helical": """

@@ -21,7 +21,7 @@ def ours(files, tokens_path, batch_size=16, precision="fp32"):
     model = load_encoder(files, torch.device("cpu"))
     special = model_facts(files.model_name)["special_tokens"]
     return embed_tokens(model, table.column("input_ids").combine_chunks(), table.column("length").to_numpy(),
-                        batch_size, special, torch.device("cpu"), precision)
+                        batch_size=batch_size, special_tokens=special, device=torch.device("cpu"), precision=precision)
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -55,7 +55,7 @@ def test_bf16_is_close_to_fp32(tiny_v1, dataset, tmp_path):
 def test_cells_without_genes_get_nan(tiny_v1):
     model = load_encoder(tiny_v1, torch.device("cpu"))
     ids = [np.array([5, 6, 7], dtype=np.int32), np.array([], dtype=np.int32)]
-    out = embed_tokens(model, ids, np.array([3, 0]), 4, False, torch.device("cpu"))
+    out = embed_tokens(model, ids, np.array([3, 0]), batch_size=4, special_tokens=False, device=torch.device("cpu"))
     assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
 
 

@@ -214,7 +214,8 @@ def test_embeddings_equal_a_direct_computation(runs, work, tmp_path):
     tokenize_chunk(work / "test.h5ad", files, tmp_path / "all.arrow")
     table = open_tokens(tmp_path / "all.arrow")
     direct = embed_tokens(load_encoder(files, torch.device("cpu")), table.column("input_ids").combine_chunks(),
-                          table.column("length").to_numpy(), 32, False, torch.device("cpu"))
+                          table.column("length").to_numpy(), batch_size=32, special_tokens=False,
+                          device=torch.device("cpu"))
     np.testing.assert_allclose(embeddings.obsm["X_geneformer"], direct, atol=1e-5)
     trace = pd.read_csv(out / "pipeline_info" / "execution_trace.tsv", sep="\t")
     assert (trace["process"] == "embed").sum() == len(CHUNKS)

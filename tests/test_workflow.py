@@ -179,7 +179,8 @@ def geneformer_one_pass(out):
     tokenize_chunk(TEST_INPUT, files, out)
     table = open_tokens(out)
     return embed_tokens(load_encoder(files, torch.device("cpu")), table.column("input_ids").combine_chunks(),
-                        table.column("length").to_numpy(), 32, False, torch.device("cpu"))
+                        table.column("length").to_numpy(), batch_size=32, special_tokens=False,
+                        device=torch.device("cpu"))
 
 
 def scgpt_one_pass(out):

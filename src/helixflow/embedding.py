@@ -56,6 +56,7 @@ def embed_tokens(
     model,
     input_ids: list[np.ndarray] | object,
     lengths: np.ndarray,
+    *,
     batch_size: int,
     special_tokens: bool,
     device: torch.device,
@@ -130,12 +131,12 @@ def embed_chunk(
     chunk_path: str | Path,
     files: ModelFiles,
     out: str | Path,
+    *,
     batch_size: int,
     device: str = "auto",
     precision: str = "fp32",
     threads: int | None = None,
     progress: bool = False,
-    *,
     provenance: dict | None = None,
 ) -> int:
     """Embed one tokenized chunk; write an .h5ad with the chunk's ``obs`` and the embeddings.
@@ -152,10 +153,10 @@ def embed_chunk(
         model,
         table.column("input_ids").combine_chunks(),
         table.column("length").to_numpy(),
-        batch_size,
-        model_facts(files.model_name)["special_tokens"],
-        torch_device,
-        precision,
+        batch_size=batch_size,
+        special_tokens=model_facts(files.model_name)["special_tokens"],
+        device=torch_device,
+        precision=precision,
         progress=progress,
     )
     write_embedded_chunk(obs, embeddings, out, provenance=provenance)

@@ -64,8 +64,8 @@ def embed_chunk(tokens: Path, chunk: Path, files: ModelFiles, out: Path, *, batc
     """Embed one tokenized chunk into the file ``gather`` reads; return its cells."""
     from helixflow.embedding import embed_chunk as embed_geneformer_chunk
 
-    return embed_geneformer_chunk(tokens, chunk, files, out, batch_size, device, precision, threads, progress,
-                                  provenance=provenance)
+    return embed_geneformer_chunk(tokens, chunk, files, out, batch_size=batch_size, device=device, precision=precision,
+                                  threads=threads, progress=progress, provenance=provenance)
 
 
 def describe(files: ModelFiles, *, batch_size: int) -> dict[str, str]:
