@@ -75,7 +75,8 @@ def finetune_memory(setting: str, steps: int) -> dict:
     train = {**profile["train"], **SETTINGS[setting], "gradient_accumulation": 1}
     device = torch.device("cuda")
     with tempfile.TemporaryDirectory() as folder:
-        model = build_classifier(staged_model(folder), [f"class{i}" for i in range(6)], train["frozen_layers"], seed=0)
+        model = build_classifier(staged_model(folder), [f"class{i}" for i in range(6)], frozen_layers=train["frozen_layers"],
+                                 seed=0)
     engine = deepspeed_engine.initialize(model, train, profile["precision"], device, total_steps=steps)
     tokens, lengths = synthetic_cells(steps * train["batch_size"], model.config.vocab_size, seed=1)
     width = model_facts(MODEL)["input_size"]

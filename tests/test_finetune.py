@@ -175,8 +175,8 @@ def validation_scores(model_dir: Path, labelled) -> dict:
     labels = FineTunedModel.open(model_dir).metadata["labels"]
     cells = LabelledCells.from_split(split[split["split"] == VALIDATION], labels, TokenStore(labelled.tokens))
     model = FineTunedModel.open(model_dir).load_model(torch.device("cpu"))
-    probabilities = predict_proba(model, cells.fetch, cells.lengths, len(labels), 16, torch.device("cpu"),
-                                  padding=FineTunedModel.open(model_dir).padding())
+    probabilities = predict_proba(model, cells.fetch, cells.lengths, n_classes=len(labels), batch_size=16,
+                                  device=torch.device("cpu"), padding=FineTunedModel.open(model_dir).padding())
     chosen = probabilities[np.arange(len(cells)), cells.targets]
     return {"validation_loss": float(-np.log(chosen).mean()),
             "validation_accuracy": float((probabilities.argmax(axis=1) == cells.targets).mean())}
@@ -235,7 +235,8 @@ def test_reloaded_model_predicts_what_the_trained_engine_did(family_data, tmp_pa
         engine.backward(loss)
         engine.step()
     engine.eval()
-    trained = predict_proba(engine, cells.fetch, cells.lengths, len(labels), 16, torch.device("cpu"), padding=padding)
+    trained = predict_proba(engine, cells.fetch, cells.lengths, n_classes=len(labels), batch_size=16,
+                            device=torch.device("cpu"), padding=padding)
     family.save_classifier(deepspeed_engine.gathered_state_dict(engine), model, family_data.files, tmp_path / "model",
                            {"label_column": "cell_type"})
 
@@ -243,7 +244,8 @@ def test_reloaded_model_predicts_what_the_trained_engine_did(family_data, tmp_pa
     assert saved.metadata["family"] == family_data.family
     reloaded = saved.load_model(torch.device("cpu"))
     assert reloaded.config.id2label == dict(enumerate(labels))
-    again = predict_proba(reloaded, cells.fetch, cells.lengths, len(labels), 16, torch.device("cpu"), padding=saved.padding())
+    again = predict_proba(reloaded, cells.fetch, cells.lengths, n_classes=len(labels), batch_size=16,
+                          device=torch.device("cpu"), padding=saved.padding())
     np.testing.assert_array_equal(again.argmax(axis=1), trained.argmax(axis=1))
     np.testing.assert_allclose(again, trained, atol=1e-5)
 

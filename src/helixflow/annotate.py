@@ -87,8 +87,9 @@ def annotate(
             n_counts = read_obs_rows(source, rows.start, rows.stop, ["n_counts"])["n_counts"].to_numpy(dtype=np.float64) if counted else None
             tokens = tokenizer.encode(block, n_counts)
             lengths = tokens.column("length").to_numpy()
-            probabilities = predict_proba(model, lambda positions: block_cells(tokens, positions), lengths, len(labels),
-                                          batch_size, torch_device, precision, padding=padding)
+            probabilities = predict_proba(model, lambda positions: block_cells(tokens, positions), lengths,
+                                          n_classes=len(labels), batch_size=batch_size, device=torch_device,
+                                          precision=precision, padding=padding)
             known = np.nan_to_num(probabilities)  # cells without genes: NaN rows, no prediction
             predicted = np.where(lengths > 0, known.argmax(axis=1), -1)
             codes[rows] = predicted

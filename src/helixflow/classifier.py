@@ -33,7 +33,7 @@ from helixflow.token_batches import CellTokens, Padding, inference_batches, pad_
 METADATA_FILE = "helixflow.json"
 
 
-def build_classifier(files: ModelFiles, labels: list[str], frozen_layers: int, seed: int):
+def build_classifier(files: ModelFiles, labels: list[str], *, frozen_layers: int, seed: int):
     """A classifier over ``labels`` on the staged model's encoder, its first layers frozen.
 
     Parameters
@@ -191,11 +191,11 @@ def predict_proba(
     model,
     fetch: Callable[[np.ndarray], CellTokens],
     lengths: np.ndarray,
+    *,
     n_classes: int,
     batch_size: int,
     device: torch.device,
     precision: str = "fp32",
-    *,
     padding: Padding,
 ) -> np.ndarray:
     """Class probabilities of tokenized cells, in input order.

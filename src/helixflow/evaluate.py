@@ -278,8 +278,8 @@ def score_validation_cells(model, probe, embeddings: h5py.Dataset, split_path: s
         cell_ids = block["cell_id"].to_numpy()
         for positions in scoring_blocks(len(cells)):
             part = cells.take(positions)
-            probabilities = predict_proba(model, part.fetch, part.lengths, len(labels), batch_size, device, precision,
-                                          padding=padding)
+            probabilities = predict_proba(model, part.fetch, part.lengths, n_classes=len(labels), batch_size=batch_size,
+                                          device=device, precision=precision, padding=padding)
             predicted = {"fine-tuned": probabilities.argmax(axis=1),
                          "linear probe": probe.predict(read_rows(embeddings, part.cell_index))}
             for name, classes in predicted.items():

@@ -288,7 +288,8 @@ def validate(engine, cells: LabelledCells, n_classes: int, batch_size: int, epoc
     loss, correct = 0.0, 0
     for block in scoring_blocks(len(cells)):
         part = cells.take(block)
-        probabilities = predict_proba(engine, part.fetch, part.lengths, n_classes, batch_size, engine.device, padding=padding)
+        probabilities = predict_proba(engine, part.fetch, part.lengths, n_classes=n_classes, batch_size=batch_size,
+                                      device=engine.device, padding=padding)
         chosen = probabilities[np.arange(len(part)), part.targets]
         loss -= float(np.log(np.clip(chosen, 1e-12, None)).sum(dtype=np.float64))
         correct += int((probabilities.argmax(axis=1) == part.targets).sum())

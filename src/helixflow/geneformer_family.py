@@ -99,7 +99,7 @@ def build_classifier(files: ModelFiles, labels: list[str], *, frozen_layers: int
     """Geneformer's own classifier (:func:`helixflow.classifier.build_classifier`)."""
     from helixflow.classifier import build_classifier as build_bert_classifier
 
-    return build_bert_classifier(files, labels, frozen_layers, seed)
+    return build_bert_classifier(files, labels, frozen_layers=frozen_layers, seed=seed)
 
 
 def save_classifier(state_dict: dict, model, files: ModelFiles, out: Path, metadata: dict) -> Path:
