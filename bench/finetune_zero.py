@@ -71,7 +71,7 @@ def run_mode(mode: str, args) -> dict:
     if MODES[mode] is None:
         step = torch_trainer(model, train, total)
     else:
-        engine = deepspeed_engine.initialize(model, train, "fp32", torch.device("cpu"), total)
+        engine = deepspeed_engine.initialize(model, train, precision="fp32", device=torch.device("cpu"), total_steps=total)
         step = deepspeed_trainer(engine)
     batches = synthetic_batches(total, args.batch_size, args.length, vocabulary, 6, seed=1)
     torch.manual_seed(2)  # the same dropout masks in every mode

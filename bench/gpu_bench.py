@@ -77,7 +77,7 @@ def finetune_memory(setting: str, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         model = build_classifier(staged_model(folder), [f"class{i}" for i in range(6)], frozen_layers=train["frozen_layers"],
                                  seed=0)
-    engine = deepspeed_engine.initialize(model, train, profile["precision"], device, total_steps=steps)
+    engine = deepspeed_engine.initialize(model, train, precision=profile["precision"], device=device, total_steps=steps)
     tokens, lengths = synthetic_cells(steps * train["batch_size"], model.config.vocab_size, seed=1)
     width = model_facts(MODEL)["input_size"]
     torch.cuda.reset_peak_memory_stats()

@@ -194,7 +194,7 @@ def save_untrained_classifier(run: Run, split: Path) -> tuple[Path, Path]:
     labels = class_names(split)
     model = build_classifier(files, labels, frozen_layers=0, seed=0)
     mlruns = run.root / "mlruns"
-    with tracked_run(mlruns, "memory", "untrained") as tracker:
+    with tracked_run(mlruns, experiment="memory", run_name="untrained") as tracker:
         run_id = tracker.run_id
     metadata = {"profile": "tiny", "label_column": "cell_type", "labels": labels, "seed": 0, "train_cells": 0,
                 "validation_cells": 0, "optimizer_steps": 0, "precision": "fp32", "train": {}, "validation_accuracy": 0.0,

@@ -227,7 +227,7 @@ def test_reloaded_model_predicts_what_the_trained_engine_did(family_data, tmp_pa
     family = load_family(family_data.files.model_name)
     padding = family.padding(family_data.files)
     model = family.build_classifier(family_data.files, labels, frozen_layers=1, seed=0)
-    engine = deepspeed_engine.initialize(model, train, "fp32", torch.device("cpu"), total_steps=4)
+    engine = deepspeed_engine.initialize(model, train, precision="fp32", device=torch.device("cpu"), total_steps=4)
     for step in range(4):
         batch = np.arange(step * 8, step * 8 + 8)
         loss = torch.nn.functional.cross_entropy(engine(**pad_batch(cells.fetch(batch), padding)).logits,
@@ -332,7 +332,7 @@ def test_evaluate_says_plainly_when_the_linear_probe_wins(family_data, embedding
     labels = sorted(read_label_split(family_data.split)["label"].unique())
     family = load_family(family_data.files.model_name)
     model = family.build_classifier(family_data.files, labels, frozen_layers=0, seed=0)
-    with tracked_run(tmp_path / "mlruns", "untrained") as tracker:
+    with tracked_run(tmp_path / "mlruns", experiment="untrained") as tracker:
         run_id = tracker.run_id
     metadata = {"profile": "tiny", "label_column": "cell_type", "labels": labels, "seed": 0, "train_cells": int(family_data.n_train),
                 "optimizer_steps": 0, "mlflow_tracking_uri": resolve_tracking_uri(tmp_path / "mlruns"), "mlflow_run_id": run_id}
@@ -451,7 +451,7 @@ def test_epoch_batches_cover_every_cell_once_in_the_same_order_each_time():
 def test_deepspeed_config_follows_the_profile(train, precision, device, expected):
     settings = {"batch_size": 4, "gradient_accumulation": 8, "learning_rate": 1e-4, "offload_optimizer": "none",
                 "offload_params": "none", **train}
-    config = deepspeed_engine.deepspeed_config(settings, precision, device)
+    config = deepspeed_engine.deepspeed_config(settings, precision=precision, device_type=device)
     assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 8
     for key, value in expected.items():
         assert config[key] == value
@@ -476,4 +476,4 @@ def test_deepspeed_config_refuses_what_cannot_run(train, precision, message):
     settings = {"batch_size": 4, "gradient_accumulation": 1, "learning_rate": 1e-4, "offload_optimizer": "none",
                 "offload_params": "none", **train}
     with pytest.raises(HelixflowError, match=message):
-        deepspeed_engine.deepspeed_config(settings, precision, "cpu")
+        deepspeed_engine.deepspeed_config(settings, precision=precision, device_type="cpu")

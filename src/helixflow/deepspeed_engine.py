@@ -65,7 +65,7 @@ def warmup_decay(total_steps: int):
     return factor
 
 
-def deepspeed_config(train: dict, precision: str, device_type: str) -> dict:
+def deepspeed_config(train: dict, *, precision: str, device_type: str) -> dict:
     """The DeepSpeed configuration for a profile's ``train`` section.
 
     Parameters
@@ -78,7 +78,7 @@ def deepspeed_config(train: dict, precision: str, device_type: str) -> dict:
     device_type
         ``cpu`` or ``cuda``.
     """
-    check_train_settings(train, precision, device_type)
+    check_train_settings(train, precision=precision, device=device_type)
     pin_memory = device_type == "cuda"
     zero = {"stage": train["zero_stage"]}
     if train["offload_optimizer"] != "none":
@@ -103,7 +103,7 @@ def deepspeed_config(train: dict, precision: str, device_type: str) -> dict:
     return config
 
 
-def initialize(model: torch.nn.Module, train: dict, precision: str, device: torch.device, total_steps: int):
+def initialize(model: torch.nn.Module, train: dict, *, precision: str, device: torch.device, total_steps: int):
     """Wrap ``model`` in a DeepSpeed engine that trains its parameters that require gradients.
 
     The engine steps the learning-rate schedule (:func:`warmup_decay` over ``total_steps``
@@ -113,7 +113,7 @@ def initialize(model: torch.nn.Module, train: dict, precision: str, device: torc
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    config = deepspeed_config(train, precision, device.type)
+    config = deepspeed_config(train, precision=precision, device_type=device.type)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = None if "optimizer" in config else torch.optim.AdamW(trainable, **{**ADAMW, "lr": train["learning_rate"]})
     engine, *_ = deepspeed.initialize(

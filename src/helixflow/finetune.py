@@ -133,6 +133,7 @@ def finetune(
     out_model: str | Path,
     out_log: str | Path,
     checkpoints: str | Path,
+    *,
     seed: int = 0,
     tracking_uri: str | Path = "mlruns",
     experiment: str = "helixflow",
@@ -176,18 +177,18 @@ def finetune(
     train = profile["train"]
     precision = train["precision"] or profile["precision"]
     device = resolve_device(profile["device"])
-    check_train_settings(train, precision, device.type, f"profile {profile['name']}: train")
+    check_train_settings(train, precision=precision, device=device.type, where=f"profile {profile['name']}: train")
     labels, cells = load_labelled_cells(split_path, tokens_paths)
     plan = TrainingPlan.make(len(cells[TRAIN]), train)
     if plan.total_steps == 0:
         raise HelixflowError(split_path, f"{len(cells[TRAIN])} training cells make no optimizer step of "
                                          f"batch_size {train['batch_size']} x gradient_accumulation {train['gradient_accumulation']}")
-    resuming = prepare_checkpoints(checkpoints, run_fingerprint(split_path, tokens_paths, files, profile, seed))
+    resuming = prepare_checkpoints(checkpoints, run_fingerprint(split_path, tokens_paths, files, profile, seed=seed))
 
     family = load_family(files.model_name)
     padding = family.padding(files)
     model = family.build_classifier(files, labels, frozen_layers=train["frozen_layers"], seed=seed)
-    engine = deepspeed_engine.initialize(model, train, precision, device, plan.total_steps)
+    engine = deepspeed_engine.initialize(model, train, precision=precision, device=device, total_steps=plan.total_steps)
     stopping = EarlyStopping.from_train(train)
     state = {"micro_batch": 0, "pending_losses": [], "history": [], "mlflow_run_id": None, "validated_at": 0,
              "best": None, "best_weights": None, "validations_without_improvement": 0, "stop_reason": None}
@@ -196,7 +197,7 @@ def finetune(
         LOGGER.info("resumed at optimizer step %d from %s", engine.global_steps, checkpoints)
     progress = Progress(plan.total_steps, engine.global_steps)
     run_name = f"{profile['name']}-{Path(out_model).resolve().parent.parent.name}"
-    with tracked_run(tracking_uri, experiment, run_name, state["mlflow_run_id"]) as tracker:
+    with tracked_run(tracking_uri, experiment=experiment, run_name=run_name, run_id=state["mlflow_run_id"]) as tracker:
         if state["mlflow_run_id"] is None:
             state["mlflow_run_id"] = tracker.run_id
             tracker.log_params({"profile": profile["name"], "base_model": files.model_name, "precision": precision,
@@ -205,11 +206,12 @@ def finetune(
                                 **{f"train.{key}": value for key, value in train.items()}})
         while state["stop_reason"] is None:
             if not plan.validation_due(state):
-                train_to_epoch_end(engine, cells[TRAIN], plan, seed, state, tracker, checkpoints, train["checkpoint_every"], progress,
+                train_to_epoch_end(engine, cells[TRAIN], plan, seed=seed, state=state, tracker=tracker,
+                                   checkpoints=checkpoints, checkpoint_every=train["checkpoint_every"], progress=progress,
                                    padding=padding)
                 continue
-            record = validate(engine, cells[VALIDATION], len(labels), train["batch_size"], state["micro_batch"] / plan.batches_per_epoch,
-                              padding=padding)
+            record = validate(engine, cells[VALIDATION], n_classes=len(labels), batch_size=train["batch_size"],
+                              epoch=state["micro_batch"] / plan.batches_per_epoch, padding=padding)
             state["history"].append(record)
             state["validated_at"] = state["micro_batch"]
             tracker.log_metrics({key: record[key] for key in ("validation_loss", "validation_accuracy")}, record["step"])
@@ -246,8 +248,8 @@ def load_labelled_cells(split_path: str | Path, tokens_paths: list[str | Path]) 
     return labels, {part: LabelledCells.read(split_path, part, labels, store) for part in (TRAIN, VALIDATION)}
 
 
-def train_to_epoch_end(engine, cells: LabelledCells, plan: TrainingPlan, seed: int, state: dict, tracker,
-                       checkpoints: str | Path, checkpoint_every: int, progress: Progress, *, padding: Padding) -> None:
+def train_to_epoch_end(engine, cells: LabelledCells, plan: TrainingPlan, *, seed: int, state: dict, tracker,
+                       checkpoints: str | Path, checkpoint_every: int, progress: Progress, padding: Padding) -> None:
     """Train from the position in ``state`` to the end of its epoch (or of the run).
 
     ``state`` is updated as training goes: the next micro-batch, losses of the open
@@ -282,7 +284,7 @@ def train_to_epoch_end(engine, cells: LabelledCells, plan: TrainingPlan, seed: i
             save_checkpoint(engine, checkpoints, state)
 
 
-def validate(engine, cells: LabelledCells, n_classes: int, batch_size: int, epoch: float, *, padding: Padding) -> dict:
+def validate(engine, cells: LabelledCells, *, n_classes: int, batch_size: int, epoch: float, padding: Padding) -> dict:
     """Validation loss and accuracy of the model being trained, block by block (no random state is used)."""
     engine.eval()
     loss, correct = 0.0, 0
@@ -297,7 +299,7 @@ def validate(engine, cells: LabelledCells, n_classes: int, batch_size: int, epoc
             "validation_loss": loss / len(cells), "validation_accuracy": correct / len(cells)}
 
 
-def run_fingerprint(split_path, tokens_paths, files, profile: dict, seed: int) -> str:
+def run_fingerprint(split_path, tokens_paths, files, profile: dict, *, seed: int) -> str:
     """What a checkpoint must have been trained on to be resumed: split, tokens, model, settings.
 
     The model is known by its name and its staged files: the contents of the small ones

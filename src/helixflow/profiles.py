@@ -71,11 +71,12 @@ def load_profile(name: str, profiles_dir: str | Path | None = None) -> dict:
         raise HelixflowError(path, f"profile name '{profile['name']}' differs from its file name '{name}'")
     profile["family"] = model_family(profile["model_name"]).name  # derived, never written in a profile
     train = profile["train"]
-    check_train_settings(train, train["precision"] or profile["precision"], profile["device"], f"{path}: train")
+    check_train_settings(train, precision=train["precision"] or profile["precision"], device=profile["device"],
+                         where=f"{path}: train")
     return profile
 
 
-def check_train_settings(train: dict, precision: str, device: str, where: str | Path = "train") -> None:
+def check_train_settings(train: dict, *, precision: str, device: str, where: str | Path = "train") -> None:
     """Raise a clear error for fine-tuning settings that DeepSpeed cannot run together.
 
     Parameters

@@ -46,7 +46,7 @@ class Tracker:
 
 
 @contextlib.contextmanager
-def tracked_run(uri: str | Path, experiment: str | None = None, run_name: str | None = None,
+def tracked_run(uri: str | Path, *, experiment: str | None = None, run_name: str | None = None,
                 run_id: str | None = None) -> Iterator[Tracker]:
     """Open a run in ``experiment`` (or, given ``run_id``, reopen that run); close it as finished or failed.
 

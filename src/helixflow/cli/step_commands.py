@@ -199,7 +199,8 @@ def cmd_step_finetune(args) -> int:
 
     profile, files = profile_and_files(args)
     summary = finetune(args.split, args.tokens, files, profile, args.out_model, args.out_log, args.checkpoints,
-                       args.seed, args.mlflow_uri, args.mlflow_experiment, args.label, args.threads)
+                       seed=args.seed, tracking_uri=args.mlflow_uri, experiment=args.mlflow_experiment,
+                       label_column=args.label, threads=args.threads)
     print(f"helixflow: fine-tuned in {summary['seconds_this_session']} s ({summary['stop_reason']}): kept epoch "
           f"{summary['kept']['epoch']:g}, validation accuracy {summary['validation_accuracy']:.4f} -> {args.out_model} "
           f"(MLflow run {summary['mlflow_run_id']})")
