@@ -32,6 +32,7 @@ def annotate(
     input_path: str | Path,
     model_dir: str | Path,
     out: str | Path,
+    *,
     batch_size: int = 32,
     device: str = "auto",
     precision: str = "fp32",

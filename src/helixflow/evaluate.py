@@ -76,7 +76,7 @@ def classification_metrics(confusion: np.ndarray, labels: list[str]) -> dict:
     }
 
 
-def fit_linear_probe(embeddings_path: str | Path, split_path: str | Path, labels: list[str], seed: int = 0, *,
+def fit_linear_probe(embeddings_path: str | Path, split_path: str | Path, labels: list[str], *, seed: int = 0,
                      embedding_key: str):
     """A logistic regression on frozen embeddings (``obsm[embedding_key]``) of (at most ``PROBE_MAX_TRAIN_CELLS``) train cells.
 
@@ -203,6 +203,7 @@ def evaluate(
     embeddings_path: str | Path,
     training_log: str | Path,
     out_dir: str | Path,
+    *,
     batch_size: int = 32,
     device: str = "auto",
     precision: str = "fp32",
@@ -222,7 +223,7 @@ def evaluate(
     model = fine_tuned.load_model(torch_device)
     labels = class_labels(model)
     embedding_key = model_family(fine_tuned.model_name).embedding_key
-    probe, probe_cells = fit_linear_probe(embeddings_path, split_path, labels, fine_tuned.metadata["seed"],
+    probe, probe_cells = fit_linear_probe(embeddings_path, split_path, labels, seed=fine_tuned.metadata["seed"],
                                           embedding_key=embedding_key)
     with h5py.File(embeddings_path, "r") as handle, atomic_path(out_dir / "predictions.tsv") as predictions:
         confusion = score_validation_cells(

@@ -329,8 +329,9 @@ def cmd_annotate(args) -> int:
     from helixflow.annotate import annotate
 
     started = time.monotonic()
-    counts, predicted = annotate(args.input, args.model_dir, args.out, args.batch_size, args.device, args.precision,
-                                 args.threads, args.gene_id_column, symbol_map(args))
+    counts, predicted = annotate(args.input, args.model_dir, args.out, batch_size=args.batch_size, device=args.device,
+                                 precision=args.precision, threads=args.threads, gene_id_column=args.gene_id_column,
+                                 symbol_map=symbol_map(args))
     print(counts.to_string())
     cells = int(counts.sum())
     print(f"helixflow: annotated {cells:,} cells in {time.monotonic() - started:.1f} s -> {args.out} (obs['{predicted}'])")

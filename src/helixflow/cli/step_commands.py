@@ -211,7 +211,7 @@ def cmd_step_evaluate(args) -> int:
     from helixflow.evaluate import evaluate
 
     metrics = evaluate(args.model_dir, args.split, args.tokens, args.embeddings, args.training_log, args.out_dir,
-                       args.batch_size, args.device, args.precision, args.threads)
+                       batch_size=args.batch_size, device=args.device, precision=args.precision, threads=args.threads)
     print(f"helixflow: held-out accuracy {metrics['fine_tuned']['accuracy']:.4f}, macro-F1 {metrics['fine_tuned']['macro_f1']:.4f} "
           f"(linear probe {metrics['linear_probe']['accuracy']:.4f}, {metrics['linear_probe']['macro_f1']:.4f}; "
           f"chance {metrics['chance_accuracy']:.4f}) -> {args.out_dir}")
