@@ -58,7 +58,7 @@ def labelled(tiny_v1, tmp_path_factory):
         chunks.append(split_chunk(data, root / f"chunk-{index:05d}.h5ad", start, stop))
         tokens.append(root / f"chunk-{index:05d}.arrow")
         tokenize_chunk(chunks[-1], tiny_v1, tokens[-1])
-    write_label_split(chunks, tokens, root / "split.tsv", "cell_type", 0.2, seed=0)
+    write_label_split(chunks, tokens, root / "split.tsv", label_column="cell_type", validation_fraction=0.2, seed=0)
     counts = read_label_split(root / "split.tsv")["split"].value_counts()
     return SimpleNamespace(root=root, data=data, chunks=chunks, tokens=tokens, split=root / "split.tsv",
                            n_train=counts["train"], n_validation=counts["validation"])
@@ -107,16 +107,19 @@ def zero2_model(family_data):
 
 def test_label_split_is_stratified_and_reproducible(family_data, tmp_path):
     """The split of the family's tokenized cells (a cell without tokens would have no label)."""
-    summary = write_label_split(family_data.chunks, family_data.tokens, tmp_path / "split.tsv", "cell_type", 0.2, seed=0)
+    summary = write_label_split(family_data.chunks, family_data.tokens, tmp_path / "split.tsv",
+                                label_column="cell_type", validation_fraction=0.2, seed=0)
     table = read_label_split(tmp_path / "split.tsv")
     assert len(table) == N_CELLS and set(table["split"]) == {"train", "validation"}
     for _, cells in table.groupby("label"):
         assert (cells["split"] == VALIDATION).sum() == max(1, round(0.2 * len(cells)))
-    write_label_split(family_data.chunks, family_data.tokens, tmp_path / "again.tsv", "cell_type", 0.2, seed=0)
+    write_label_split(family_data.chunks, family_data.tokens, tmp_path / "again.tsv",
+                      label_column="cell_type", validation_fraction=0.2, seed=0)
     assert (tmp_path / "again.tsv").read_bytes() == (tmp_path / "split.tsv").read_bytes()
     counted = table.groupby(["label", "split"]).size()
     assert summary.set_index(["label", "split"])["cells"].to_dict() == counted.to_dict()
-    write_label_split(family_data.chunks, family_data.tokens, tmp_path / "other.tsv", "cell_type", 0.2, seed=1)
+    write_label_split(family_data.chunks, family_data.tokens, tmp_path / "other.tsv",
+                      label_column="cell_type", validation_fraction=0.2, seed=1)
     other = read_label_split(tmp_path / "other.tsv")
     assert not np.array_equal(other["split"], table["split"])
     assert other.groupby(["label", "split"]).size().to_dict() == counted.to_dict()  # same counts, other cells
@@ -124,7 +127,8 @@ def test_label_split_is_stratified_and_reproducible(family_data, tmp_path):
 
 def test_label_split_names_a_missing_label_column(family_data, tmp_path):
     with pytest.raises(HelixflowError, match="no obs column 'celltype'.*cell_type"):
-        write_label_split(family_data.chunks, family_data.tokens, tmp_path / "split.tsv", "celltype", 0.2, seed=0)
+        write_label_split(family_data.chunks, family_data.tokens, tmp_path / "split.tsv",
+                          label_column="celltype", validation_fraction=0.2, seed=0)
 
 
 def test_zero2_with_cpu_optimizer_offload_trains(family_data, zero2_model):

@@ -51,6 +51,7 @@ def write_label_split(
     chunk_paths: list[str | Path],
     tokens_paths: list[str | Path],
     out: str | Path,
+    *,
     label_column: str,
     validation_fraction: float,
     seed: int,
@@ -129,7 +130,7 @@ def _chunk_cells(chunk_path: str | Path, tokens_path: str | Path, label_column: 
     return cells
 
 
-def iter_label_split(path: str | Path, columns: list[str] | None = None, block_rows: int = BLOCK_ROWS) -> Iterator[pd.DataFrame]:
+def iter_label_split(path: str | Path, columns: list[str] | None = None, *, block_rows: int = BLOCK_ROWS) -> Iterator[pd.DataFrame]:
     """Read a table written by :func:`write_label_split` in blocks of ``block_rows`` rows.
 
     ``columns``, when given, are the only ones read (``cell_id`` is the costly one).

@@ -25,7 +25,7 @@ TRACE_COLUMNS = ["task_id", "name", "process", "tag", "status", "realtime_s", "c
 
 
 def plot_embedding_map(
-    h5ad: str | Path, out_png: str | Path, out_json: str | Path,
+    h5ad: str | Path, out_png: str | Path, out_json: str | Path, *,
     label: str | None = None, max_cells: int = 20_000, seed: int = 0,
 ) -> dict:
     """Draw a UMAP of (a random subsample of) the embeddings, coloured by ``label``.
@@ -61,7 +61,7 @@ def plot_embedding_map(
         colour, colour_title = label, label
         sample.obs[label] = pd.Categorical(labels[finite].astype(str))
     else:
-        colour, clusters = "cluster", embedding_clusters(sample.obsm[key], seed)
+        colour, clusters = "cluster", embedding_clusters(sample.obsm[key], seed=seed)
         colour_title = f"k-means cluster (k={clusters.categories.size})"
         sample.obs[colour] = clusters
     # Exact neighbours (sklearn): cheap for max_cells cells, and past 4,096 cells scanpy 1.11's default
@@ -100,7 +100,7 @@ def plot_embedding_map(
     return summary
 
 
-def embedding_clusters(points: np.ndarray, seed: int = 0, max_clusters: int = 10, scored: int = 5_000) -> pd.Categorical:
+def embedding_clusters(points: np.ndarray, *, seed: int = 0, max_clusters: int = 10, scored: int = 5_000) -> pd.Categorical:
     """k-means clusters of embeddings, the number of clusters chosen by silhouette score.
 
     k runs from 2 to ``max_clusters``; each k is scored on the first ``scored`` points (the

@@ -188,7 +188,8 @@ def cmd_step_gather(args) -> int:
 def cmd_step_label_split(args) -> int:
     from helixflow.label_split import write_label_split
 
-    summary = write_label_split(args.chunks, args.tokens, args.out, args.label, args.validation_fraction, args.seed)
+    summary = write_label_split(args.chunks, args.tokens, args.out, label_column=args.label,
+                                validation_fraction=args.validation_fraction, seed=args.seed)
     table = summary.fillna({"label": "(no label)"}).pivot_table(index="label", columns="split", values="cells", aggfunc="sum", fill_value=0)
     print(table.to_string())
     return int(summary["cells"].sum())
@@ -221,7 +222,7 @@ def cmd_step_evaluate(args) -> int:
 def cmd_step_plot(args) -> int:
     from helixflow.report import plot_embedding_map
 
-    summary = plot_embedding_map(args.embeddings, args.out_png, args.out_json, args.label, args.max_cells)
+    summary = plot_embedding_map(args.embeddings, args.out_png, args.out_json, label=args.label, max_cells=args.max_cells)
     print(json.dumps(summary))
     return summary["cells_plotted"]
 
