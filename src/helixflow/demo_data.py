@@ -31,6 +31,7 @@ BLOCK_VALUES = 20_000_000  # dense values generated at once: bounds memory for a
 def make_demo_dataset(
     out: str | Path,
     n_cells: int,
+    *,
     n_genes: int = 1_600,
     n_foreign_genes: int = 40,
     mean_counts: float = 3_000.0,
@@ -110,6 +111,7 @@ def _sample_counts(rng: np.random.Generator, probabilities: np.ndarray, mean_cou
 def make_sparse_dataset(
     out: str | Path,
     n_cells: int,
+    *,
     n_genes: int = 400,
     genes_per_cell: int = 8,
     block_cells: int = 250_000,

@@ -136,6 +136,7 @@ def load_dictionaries(folder: Path) -> tuple[dict, dict, dict]:
 
 def stage_synthetic(
     files: ModelFiles,
+    *,
     architecture: dict | None = None,
     n_genes: int | None = None,
     seed: int = 0,
@@ -209,7 +210,7 @@ def stage_synthetic(
         torch.save({"origin": "helixflow synthetic model", "seed": seed}, model_dir / "training_args.bin")
 
 
-def stage_architecture(files: ModelFiles, architecture_name: str, seed: int = 0) -> None:
+def stage_architecture(files: ModelFiles, architecture_name: str, *, seed: int = 0) -> None:
     """Stage a random model with a real Geneformer architecture (benchmarks)."""
     path = ARCHITECTURES_DIR / f"{architecture_name}.json"
     if not path.is_file():
@@ -245,7 +246,7 @@ def stage_from_path(files: ModelFiles, source: Path) -> None:
     files.check()
 
 
-def stage_download(files: ModelFiles, base_url: str = HELICAL_BUCKET_URL, sha256: dict[str, str] | None = None) -> None:
+def stage_download(files: ModelFiles, *, base_url: str = HELICAL_BUCKET_URL, sha256: dict[str, str] | None = None) -> None:
     """Download the model's files, verifying each against a SHA-256 or the server's MD5 ETag.
 
     Parameters
@@ -304,7 +305,7 @@ def _unpack(archive: Path, into: Path) -> Path:
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else into
 
 
-def helical_geneformer(files: ModelFiles, batch_size: int = 24, device: str = "cpu", **config):
+def helical_geneformer(files: ModelFiles, *, batch_size: int = 24, device: str = "cpu", **config):
     """Construct helical's own ``Geneformer`` from staged files, with no network access.
 
     helical 2.2.0's constructor asks its ``Downloader`` to check every file against S3 (an
