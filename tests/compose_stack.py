@@ -20,9 +20,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anndata
 import pytest
 import yaml
 
+from helixflow.demo_data import make_demo_dataset
 from helixflow.profiles import DEFAULT_PROFILES_DIR
 from prometheus_stack import PROJECT_DIR, free_port
 
@@ -32,6 +34,7 @@ COMPOSE = Path(os.environ.get("HELIXFLOW_COMPOSE",
 NOT_HERE = {"grafana", "cadvisor", "dcgm-exporter"}
 # The host user that owns the results folder in the tests: neither root nor the image's uid 1000.
 RESULTS_UID = 4321
+UNLABELLED = "unlabelled.h5ad"  # in the data folder: the scheduled run's input and the S3 inbox's upload
 WHEEL_SERVER_PORT = 38719  # HELIXFLOW_WHEEL_SERVER_PORT to choose another
 
 
@@ -162,10 +165,19 @@ def copy_clone(target: Path) -> Path:
 
 
 def prepare_data(data: Path, results: Path) -> None:
-    """The .test-sized inputs (with cell-type labels), a staged tiny model and an invalid file."""
+    """The .test-sized inputs (with cell-type labels), an unlabelled one, a staged tiny model and an invalid file.
+
+    The unlabelled dataset (200 cells, no cell-type column) is the scheduled run's default input and
+    the S3 inbox's upload: those runs embed and report without fine-tuning, so they take a fraction
+    of the UI run's time on the machine they share with it.
+    """
     helixflow = shutil.which("helixflow") or str(Path(sys.executable).parent / "helixflow")
     data.mkdir(parents=True)
     run([helixflow, "demo-data", data / "test.h5ad", "--cells", "600", "--seed", "3"], dict(os.environ), timeout=600)
+    unlabelled = make_demo_dataset(data / UNLABELLED, 200, seed=5)
+    cells = anndata.read_h5ad(unlabelled)
+    del cells.obs["cell_type"]
+    cells.write_h5ad(unlabelled)
     run([helixflow, "model", "stage", "--profile", "tiny", "--tiny", "--models-dir", data / "models"], dict(os.environ),
         timeout=600)
     (data / "bad.h5ad").write_text("not an h5ad file\n")

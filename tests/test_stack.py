@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from airflow_helpers import AIRFLOW_VENV, require_airflow
-from compose_stack import RESULTS_UID, ComposeProject
+from compose_stack import RESULTS_UID, UNLABELLED, ComposeProject
 from conftest import PROJECT_DIR, require_service, sha256
 
 pytestmark = pytest.mark.slow
@@ -129,6 +129,7 @@ def stack(compose_project: ComposeProject):
     # yesterday's tick at unpause, then today's.)
     fire = datetime.now(timezone.utc) - timedelta(minutes=1)
     compose_project.set_setting("HELIXFLOW_SCHEDULE", f"{fire.minute} {fire.hour} * * *")
+    compose_project.set_setting("HELIXFLOW_DEFAULT_INPUT", UNLABELLED)
     started = time.monotonic()
     up = compose_project.compose("--profile", "monitoring", "up", "-d", "--wait", "--wait-timeout", "1200", *services,
                                  timeout=1500, check=False)
@@ -244,7 +245,7 @@ def test_run_triggered_in_the_ui_succeeds_through_the_scheduler(stack, rest):
         assert (out / relative).is_file(), relative
         assert (out / relative).stat().st_uid == RESULTS_UID, relative  # the results folder's owner, not root
     assert sha256(stack.data / "test.h5ad") == before
-    assert sorted(p.name for p in stack.data.iterdir()) == ["bad.h5ad", "models", "test.h5ad"]
+    assert sorted(p.name for p in stack.data.iterdir()) == ["bad.h5ad", "models", "test.h5ad", UNLABELLED]
 
     summary = rest.summary(finished["dag_run_id"])
     assert summary["cells"] == 600 and summary["genes"] == 1640 and summary["metrics"], summary
@@ -324,7 +325,9 @@ def test_invalid_dataset_shows_the_helixflow_error_in_the_task_log_in_the_ui(sta
 def test_a_run_comes_from_the_schedule(stack, rest):
     scheduled = rest.wait_for_run(lambda r: r["run_type"] == "scheduled", "scheduled run")
     assert scheduled["state"] == "success", rest.why_failed(scheduled["dag_run_id"])
-    assert (stack.results / "test" / "report.html").is_file()  # the default params: input test.h5ad
+    # The default params: the input of HELIXFLOW_DEFAULT_INPUT, without labels, so embedded and reported only.
+    assert (stack.results / "unlabelled" / "report.html").is_file()
+    assert rest.tasks(scheduled["dag_run_id"])["finetune"] == "skipped"
     assert [r["run_type"] for r in rest.runs()].count("scheduled") == 1  # the cron's next tick is a day away
     rest.call(f"/api/v2/dags/{DAG}", method="PATCH", body={"is_paused": True})
 
@@ -425,7 +428,7 @@ def test_an_object_uploaded_to_the_s3_inbox_gives_one_scheduled_run_and_results_
     client = s3_client(stack)
     upload = client.create_multipart_upload(Bucket=S3_BUCKET, Key=S3_KEY)
     part = client.upload_part(Bucket=S3_BUCKET, Key=S3_KEY, UploadId=upload["UploadId"], PartNumber=1,
-                              Body=(stack.data / "test.h5ad").read_bytes())
+                              Body=(stack.data / UNLABELLED).read_bytes())
     unpaused = datetime.now(timezone.utc)
     for dag_id in (DAG, S3_INBOX_DAG):
         rest.call(f"/api/v2/dags/{dag_id}", method="PATCH", body={"is_paused": False})
@@ -447,7 +450,8 @@ def test_an_object_uploaded_to_the_s3_inbox_gives_one_scheduled_run_and_results_
     objects = {o["Key"][len(prefix):]: o for o in client.list_objects_v2(Bucket=S3_BUCKET, Prefix=prefix)["Contents"]}
     manifest = json.loads(client.get_object(Bucket=S3_BUCKET, Key=f"{prefix}_SUCCESS")["Body"].read())
     assert set(objects) == {entry["path"] for entry in manifest["files"]} | {"_SUCCESS"}
-    assert {"embeddings/embeddings.h5ad", "report.html", "evaluate/metrics.json"} <= set(objects)
+    assert {"embeddings/embeddings.h5ad", "report.html", "qc/input_check.json"} <= set(objects)
+    assert not [key for key in objects if key.startswith(("finetune/", "evaluate/"))]  # no labels: not fine-tuned
     assert not [key for key in objects if key.startswith((".snakemake/", ".s3-cache/"))]
     assert objects["_SUCCESS"]["LastModified"] >= max(o["LastModified"] for o in objects.values())
     # The credentials reached the stages without showing in a task log or the rendered fields.
