@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Usage: ci/podman-down.sh STATE_DIR
-# Removes containers labelled ${CI_CONTAINER_LABEL:-helixflow.test=1}, then stops the podman
-# service whose PID is in STATE_DIR/podman.pid (TERM, then KILL after 10 s). Images are kept.
+# Removes containers labelled ${CI_CONTAINER_LABEL:-helixflow.test=1} and this state's networks
+# (with what is still on them), then stops the podman service whose PID is in
+# STATE_DIR/podman.pid (TERM, then KILL after 10 s). Images are kept.
 set -euo pipefail
 . "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 [ $# -eq 1 ] || die "usage: $0 STATE_DIR"
@@ -14,6 +15,12 @@ if command -v podman >/dev/null; then
     ids=$(podman ps -aq --filter "label=${CI_CONTAINER_LABEL:-helixflow.test=1}" 2>/dev/null || true)
     # shellcheck disable=SC2086
     [ -z "$ids" ] || { log "removing containers $(echo $ids)"; podman rm -f -t 0 $ids >/dev/null || true; }
+    # Every network here is this state's (its own network_config_dir). Removing them, with any
+    # container still on them, has netavark take down their bridges and port-forwarding rules,
+    # which outlive the state folder otherwise.
+    nets=$(podman network ls --format '{{.Name}}' 2>/dev/null | grep -vx podman || true)
+    # shellcheck disable=SC2086
+    [ -z "$nets" ] || { log "removing networks $(echo $nets)"; podman network rm -f $nets >/dev/null || true; }
 fi
 if [ -f "$STATE/podman.pid" ]; then
     pid=$(cat "$STATE/podman.pid")

@@ -72,6 +72,11 @@ fi
 
 # Memory: a little under the machine's, so that slurmd never finds less than configured.
 MEM=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.95)}' /proc/meminfo)
+# srun's listening ports (slurmstepd calls back on them): above the kernel's ephemeral range, where
+# ports published by containers are chosen. A port-forwarding rule that a dead container left on
+# 127.0.0.1 once caught srun's callback port: "No route to host", and the job ran to its time limit.
+read -r _ EPHEMERAL_TOP </proc/sys/net/ipv4/ip_local_port_range
+SRUN_PORTS=$((EPHEMERAL_TOP < 64000 ? EPHEMERAL_TOP + 1 : 20000))
 cat >/etc/slurm/slurm.conf <<EOF
 # Written by ci/slurm-up.sh for $STATE: one node, everything as root.
 ClusterName=helixflow
@@ -101,6 +106,7 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$STATE/log/jobcomp.txt
+SrunPortRange=$SRUN_PORTS-$((SRUN_PORTS + 999))
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$MEM Gres=gpu:testgpu:2 State=UNKNOWN
 PartitionName=main Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$NODE MaxTime=INFINITE State=UP

@@ -75,7 +75,9 @@ def work(tmp_path_factory):
         threads=1,
         gpu={"count": 1, "model": "testgpu"},
         memory_mb={"light": 1100, "embed": 1700, "finetune": 4000},
-        runtime_min_per_10k_cells={"light": 150, "embed": 400, "finetune": 800},
+        # Time limits far above a job's run time on a loaded machine (a 3-minute limit once timed out a
+        # 200-cell tokenize job in CI), and different per step kind, so that each request is checked.
+        runtime_min_per_10k_cells={"light": 600, "embed": 900, "finetune": 1500},
     )
     (root / "profiles").mkdir()
     (root / "profiles" / "tiny.yaml").write_text(yaml.safe_dump(profile))
@@ -182,9 +184,9 @@ def test_every_job_asked_for_what_the_profile_gives(runs, work, cluster):
     assert rules == {"stage_model", "validate_input", "split", "tokenize", "embed", "gather",
                      "plot_embeddings", "label_split", "finetune", "evaluate", "pipeline_info", "software_versions"}
     assert {chunk for rule, chunk, _ in ran if rule == "split"} == set(CHUNKS)
-    failed = [(rule, chunk) for rule, chunk, state in ran if state != "COMPLETED"]
+    failed = [(rule, chunk, state) for rule, chunk, state in ran if state != "COMPLETED"]
     # The jobs that read the bad chunk, each with its retry (twice the memory, checked above).
-    assert sorted(failed) == sorted([("embed", BAD_CHUNK)] * 2 + [("label_split", None)] * 2)
+    assert sorted(failed) == sorted([("embed", BAD_CHUNK, "FAILED")] * 2 + [("label_split", None, "FAILED")] * 2)
 
 
 def test_failed_chunk_fails_the_run_with_its_log_and_is_redone_alone(runs, work):
