@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import anndata
 import yaml
 
 from helixflow.cli import main
@@ -42,6 +43,14 @@ def test_profile_show_prints_resources(capsys):
 def test_model_stage_tiny(tmp_path, capsys):
     assert main(["model", "stage", "--profile", "tiny", "--models-dir", str(tmp_path), "--tiny"]) == 0
     assert (tmp_path / "tiny" / ".cache" / "helical" / "models" / "geneformer" / "v1" / "gf-6L-10M-i2048" / "config.json").is_file()
+
+
+def test_demo_data_without_labels_is_the_same_cells_without_cell_types(tmp_path):
+    for name, extra in (("labelled", []), ("unlabelled", ["--no-labels"])):
+        assert main(["demo-data", str(tmp_path / f"{name}.h5ad"), "--cells", "50", "--seed", "2", *extra]) == 0
+    labelled, unlabelled = (anndata.read_h5ad(tmp_path / f"{name}.h5ad") for name in ("labelled", "unlabelled"))
+    assert "cell_type" in labelled.obs and list(unlabelled.obs.columns) == ["donor"]
+    assert (labelled.X != unlabelled.X).nnz == 0 and labelled.obs_names.equals(unlabelled.obs_names)
 
 
 def test_bad_profile_is_a_clear_error(tmp_path, capsys):

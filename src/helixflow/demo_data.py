@@ -35,6 +35,7 @@ def make_demo_dataset(
     n_genes: int = 1_600,
     n_foreign_genes: int = 40,
     mean_counts: float = 3_000.0,
+    labels: bool = True,
     seed: int = 0,
 ) -> Path:
     """Write a synthetic raw-count dataset to ``out`` (.h5ad, CSR, int32), block by block.
@@ -51,6 +52,9 @@ def make_demo_dataset(
         Extra genes outside every model vocabulary, which tokenization must skip.
     mean_counts
         Median library size (UMIs per cell).
+    labels
+        Write the ``cell_type`` column. Without it the same cells come as data to annotate,
+        on which a run embeds and reports without fine-tuning.
     seed
         Random seed; the same seed gives the same file.
     """
@@ -68,6 +72,8 @@ def make_demo_dataset(
         },
         index=pd.Index([f"cell{i:08d}" for i in range(n_cells)]),
     )
+    if not labels:
+        obs = obs.drop(columns="cell_type")
     var = pd.DataFrame({"ensembl_id": gene_ids, "gene_symbol": symbols}, index=pd.Index(gene_ids))
 
     out = Path(out)

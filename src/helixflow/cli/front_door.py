@@ -109,6 +109,8 @@ def add_demo_data_command(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--cells", type=int, default=2_000)
     demo.add_argument("--genes", type=int, default=1_600, help="genes from the synthetic vocabulary")
     demo.add_argument("--mean-counts", type=float, default=3_000.0, help="median UMIs per cell")
+    demo.add_argument("--no-labels", dest="labels", action="store_false",
+                      help="no cell-type column: cells to annotate, which a run embeds without fine-tuning")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=cmd_demo_data)
 
@@ -341,7 +343,8 @@ def cmd_annotate(args) -> int:
 def cmd_demo_data(args) -> int:
     from helixflow.demo_data import make_demo_dataset
 
-    make_demo_dataset(args.out, args.cells, n_genes=args.genes, mean_counts=args.mean_counts, seed=args.seed)
+    make_demo_dataset(args.out, args.cells, n_genes=args.genes, mean_counts=args.mean_counts, labels=args.labels,
+                      seed=args.seed)
     print(f"helixflow: wrote {args.cells:,} synthetic cells to {args.out}")
     return 0
 
