@@ -20,11 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anndata
 import pytest
 import yaml
 
-from helixflow.demo_data import make_demo_dataset
 from helixflow.profiles import DEFAULT_PROFILES_DIR
 from prometheus_stack import PROJECT_DIR, free_port
 
@@ -174,10 +172,8 @@ def prepare_data(data: Path, results: Path) -> None:
     helixflow = shutil.which("helixflow") or str(Path(sys.executable).parent / "helixflow")
     data.mkdir(parents=True)
     run([helixflow, "demo-data", data / "test.h5ad", "--cells", "600", "--seed", "3"], dict(os.environ), timeout=600)
-    unlabelled = make_demo_dataset(data / UNLABELLED, 200, seed=5)
-    cells = anndata.read_h5ad(unlabelled)
-    del cells.obs["cell_type"]
-    cells.write_h5ad(unlabelled)
+    run([helixflow, "demo-data", data / UNLABELLED, "--cells", "200", "--seed", "5", "--no-labels"], dict(os.environ),
+        timeout=600)
     run([helixflow, "model", "stage", "--profile", "tiny", "--tiny", "--models-dir", data / "models"], dict(os.environ),
         timeout=600)
     (data / "bad.h5ad").write_text("not an h5ad file\n")
