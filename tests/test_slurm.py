@@ -75,8 +75,8 @@ def work(tmp_path_factory):
         threads=1,
         gpu={"count": 1, "model": "testgpu"},
         memory_mb={"light": 1100, "embed": 1700, "finetune": 4000},
-        # Time limits far above a job's run time on a loaded machine (a 3-minute limit once timed out a
-        # 200-cell tokenize job in CI), and different per step kind, so that each request is checked.
+        # Time limits far above a job's run time on a loaded machine, and different per step kind, so
+        # that each request is checked.
         runtime_min_per_10k_cells={"light": 600, "embed": 900, "finetune": 1500},
     )
     (root / "profiles").mkdir()
